@@ -1,0 +1,349 @@
+//! Configuration: the TOML file, the command-line flags that override it, and validation.
+//!
+//! [`Config`] is what an operator writes (every field has a default, so an empty file is a valid
+//! configuration). [`Config::validate`] turns it into [`Checked`], the only form the rest of the
+//! relay accepts: once a value has passed validation nobody downstream re-checks it. A bad value is
+//! reported as a [`ConfigError`] naming the field and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::proto::uri_template::UriTemplate;
+use crate::relay::policy::AddrRule;
+
+/// The default URI template of RFC 9298 §2's example, used by most clients.
+pub const DEFAULT_URI_TEMPLATE: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
+/// The default listen address: loopback only, so a first run exposes nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
+
+/// The relay's configuration file. Every field is optional; the default is given on each field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address and port of the TCP listener (HTTP/2 and HTTP/1.1 over TLS). Port 0 picks a free
+    /// port. Default `127.0.0.1:4433`.
+    pub listen: String,
+    /// Number of worker threads; 0 means one per available core. Default 0.
+    pub workers: usize,
+    /// Pin worker `i` to the `i`-th available core. Default true.
+    pub pin_workers: bool,
+    /// PEM file with the certificate chain. Empty (the default) means a self-signed certificate
+    /// for `localhost` is generated at start, for local use only.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the private key for `cert`. Required when `cert` is set.
+    pub key: Option<PathBuf>,
+    /// RFC 6570 (level 3) URI template clients use, with `target_host` and `target_port`.
+    /// Default `/.well-known/masque/udp/{target_host}/{target_port}/`.
+    pub uri_template: String,
+    /// Targets allowed even though the default deny list (loopback, private, link-local, ...)
+    /// refuses them: `CIDR[:PORT[-PORT]]`. Default empty.
+    pub allow_targets: Vec<String>,
+    /// Targets always refused, whatever else says: `CIDR[:PORT[-PORT]]`. Default empty.
+    pub deny_targets: Vec<String>,
+    /// A flow with no datagram in either direction for this many seconds is closed.
+    /// RFC 9298 §3.1 asks for at least two minutes. Default 120.
+    pub flow_idle_timeout_secs: u64,
+    /// Upper bound on resolving a target host name, in milliseconds. Default 5000.
+    pub resolve_timeout_ms: u64,
+    /// Time a client has to finish the TLS handshake and send its first request, in seconds.
+    /// Default 10.
+    pub handshake_timeout_secs: u64,
+    /// Largest UDP payload relayed in either direction, in bytes (at most 65527, RFC 9298 §5).
+    /// Default 65527.
+    pub max_udp_payload: usize,
+    /// Bytes of target-to-client datagrams that may wait per flow for a client that reads slowly;
+    /// beyond it datagrams are dropped and counted. Default 262144.
+    pub client_send_buffer: usize,
+    /// HTTP/2 settings.
+    pub http2: Http2Config,
+}
+
+/// HTTP/2 limits, all set explicitly rather than left to library defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http2Config {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS: flows one connection may have open. Default 256.
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE, in bytes. Default 65536.
+    pub max_header_list_size: u32,
+    /// Initial per-stream receive window, in bytes. Default 1048576.
+    pub initial_stream_window: u32,
+    /// Initial connection receive window, in bytes. Default 8388608.
+    pub initial_connection_window: u32,
+    /// Largest frame payload the relay accepts, in bytes (16384..=16777215). Default 65535.
+    pub max_frame_size: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            workers: 0,
+            pin_workers: true,
+            cert: None,
+            key: None,
+            uri_template: DEFAULT_URI_TEMPLATE.to_owned(),
+            allow_targets: Vec::new(),
+            deny_targets: Vec::new(),
+            flow_idle_timeout_secs: 120,
+            resolve_timeout_ms: 5000,
+            handshake_timeout_secs: 10,
+            max_udp_payload: crate::proto::capsule::MAX_UDP_PAYLOAD,
+            client_send_buffer: 256 * 1024,
+            http2: Http2Config::default(),
+        }
+    }
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 256,
+            max_header_list_size: 64 * 1024,
+            initial_stream_window: 1024 * 1024,
+            initial_connection_window: 8 * 1024 * 1024,
+            max_frame_size: 65_535,
+        }
+    }
+}
+
+/// A configuration value that cannot be used: which field, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// The field as written in the TOML file (flags name the same field).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A validated configuration: parsed, in range, ready to use.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub pin_workers: bool,
+    pub tls: TlsSource,
+    pub uri_template: UriTemplate,
+    pub allow_targets: Vec<AddrRule>,
+    pub deny_targets: Vec<AddrRule>,
+    pub flow_idle_timeout: Duration,
+    pub resolve_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_udp_payload: usize,
+    pub client_send_buffer: usize,
+    pub http2: Http2Config,
+}
+
+/// Where the TLS certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// PEM files given by the operator.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Generate a self-signed certificate for `localhost` at start.
+    SelfSigned,
+}
+
+impl Config {
+    /// Reads and parses a TOML file. Unknown fields are errors, so a typo is not silently ignored.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| bad("config", e.message().to_owned() + &span_hint(&e)))
+    }
+
+    /// Checks every field and produces the configuration the relay runs on.
+    pub fn validate(&self) -> Result<Checked, ConfigError> {
+        let listen = SocketAddr::from_str(&self.listen).map_err(|e| {
+            bad(
+                "listen",
+                format!("{:?} is not ADDR:PORT ({e})", self.listen),
+            )
+        })?;
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n if n > 1024 => return Err(bad("workers", format!("{n} is more than 1024"))),
+            n => n,
+        };
+        let tls = match (&self.cert, &self.key) {
+            (None, None) => TlsSource::SelfSigned,
+            (Some(cert), Some(key)) => {
+                for (field, path) in [("cert", cert), ("key", key)] {
+                    if !path.is_file() {
+                        return Err(bad(
+                            field,
+                            format!("{} is not a readable file", path.display()),
+                        ));
+                    }
+                }
+                TlsSource::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }
+            }
+            (Some(_), None) => return Err(bad("key", "cert is set but key is not")),
+            (None, Some(_)) => return Err(bad("cert", "key is set but cert is not")),
+        };
+        let uri_template = UriTemplate::from_str(&self.uri_template)
+            .map_err(|e| bad("uri_template", format!("{:?}: {e}", self.uri_template)))?;
+        let parse_rules = |field: &'static str, rules: &[String]| {
+            rules
+                .iter()
+                .map(|r| AddrRule::from_str(r).map_err(|e| bad(field, format!("{r:?}: {e}"))))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let allow_targets = parse_rules("allow_targets", &self.allow_targets)?;
+        let deny_targets = parse_rules("deny_targets", &self.deny_targets)?;
+        if self.flow_idle_timeout_secs == 0 {
+            return Err(bad("flow_idle_timeout_secs", "must be at least 1"));
+        }
+        if self.resolve_timeout_ms == 0 {
+            return Err(bad("resolve_timeout_ms", "must be at least 1"));
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err(bad("handshake_timeout_secs", "must be at least 1"));
+        }
+        if !(1..=crate::proto::capsule::MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
+            return Err(bad(
+                "max_udp_payload",
+                format!("{} is outside 1..=65527", self.max_udp_payload),
+            ));
+        }
+        if self.client_send_buffer < 2048 {
+            return Err(bad("client_send_buffer", "must be at least 2048 bytes"));
+        }
+        let h2 = &self.http2;
+        if h2.max_concurrent_streams == 0 {
+            return Err(bad("http2.max_concurrent_streams", "must be at least 1"));
+        }
+        if h2.max_header_list_size < 1024 {
+            return Err(bad("http2.max_header_list_size", "must be at least 1024"));
+        }
+        if !(16_384..=16_777_215).contains(&h2.max_frame_size) {
+            return Err(bad(
+                "http2.max_frame_size",
+                "must be within 16384..=16777215",
+            ));
+        }
+        for (field, v) in [
+            ("http2.initial_stream_window", h2.initial_stream_window),
+            (
+                "http2.initial_connection_window",
+                h2.initial_connection_window,
+            ),
+        ] {
+            if !(65_535..=(1 << 31) - 1).contains(&v) {
+                return Err(bad(field, format!("{v} is outside 65535..=2147483647")));
+            }
+        }
+        Ok(Checked {
+            listen,
+            workers,
+            pin_workers: self.pin_workers,
+            tls,
+            uri_template,
+            allow_targets,
+            deny_targets,
+            flow_idle_timeout: Duration::from_secs(self.flow_idle_timeout_secs),
+            resolve_timeout: Duration::from_millis(self.resolve_timeout_ms),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            max_udp_payload: self.max_udp_payload,
+            client_send_buffer: self.client_send_buffer,
+            http2: self.http2.clone(),
+        })
+    }
+}
+
+fn span_hint(e: &toml::de::Error) -> String {
+    e.span()
+        .map(|s| format!(" (at byte {})", s.start))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c = Config::from_toml("").unwrap().validate().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(c.flow_idle_timeout, Duration::from_secs(120));
+        assert!(matches!(c.tls, TlsSource::SelfSigned));
+        assert!(c.workers >= 1);
+        assert_eq!(c.http2.max_concurrent_streams, 256);
+    }
+
+    #[test]
+    fn fields_parse() {
+        let c = Config::from_toml(
+            r#"
+            listen = "[::1]:8443"
+            workers = 3
+            allow_targets = ["127.0.0.0/8", "::1/128:1000-2000"]
+            flow_idle_timeout_secs = 5
+            uri_template = "/masque{?target_host,target_port}"
+            [http2]
+            max_concurrent_streams = 10
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.listen, "[::1]:8443".parse().unwrap());
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.allow_targets.len(), 2);
+        assert_eq!(c.flow_idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.http2.max_concurrent_streams, 10);
+    }
+
+    fn field_of(toml: &str) -> &'static str {
+        match Config::from_toml(toml) {
+            Err(e) => e.field,
+            Ok(c) => c.validate().unwrap_err().field,
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        assert_eq!(field_of("listen = \"nowhere\""), "listen");
+        assert_eq!(field_of("workers = 5000"), "workers");
+        assert_eq!(
+            field_of("allow_targets = [\"10.0.0.0/33\"]"),
+            "allow_targets"
+        );
+        assert_eq!(field_of("deny_targets = [\"x\"]"), "deny_targets");
+        assert_eq!(field_of("uri_template = \"/no/vars\""), "uri_template");
+        assert_eq!(
+            field_of("flow_idle_timeout_secs = 0"),
+            "flow_idle_timeout_secs"
+        );
+        assert_eq!(field_of("max_udp_payload = 70000"), "max_udp_payload");
+        assert_eq!(field_of("cert = \"/nonexistent.pem\""), "key");
+        assert_eq!(
+            field_of("cert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\""),
+            "cert"
+        );
+        assert_eq!(
+            field_of("[http2]\nmax_frame_size = 10"),
+            "http2.max_frame_size"
+        );
+        assert_eq!(field_of("no_such_field = 1"), "config");
+    }
+}

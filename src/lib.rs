@@ -1,0 +1,172 @@
+//! masque-relay: a CONNECT-UDP (RFC 9298) relay.
+//!
+//! Modules that do no I/O and read no clock: [`proto`] (codecs and request rules) and [`relay`]
+//! (flow state and target policy). Modules at the I/O edge: [`io`] (sockets; the only `unsafe`),
+//! [`transport`] (TLS, HTTP/2, HTTP/1.1), [`worker`] (threads and their event loops).
+//! [`Relay::start`] wires them together; `main.rs` adds the command line and signals.
+
+pub mod config;
+pub mod io;
+pub mod metrics;
+pub mod proto;
+pub mod relay;
+pub mod transport;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+use tracing::info;
+
+use config::{Checked, TlsSource};
+use metrics::WorkerStats;
+use relay::policy::TargetPolicy;
+use transport::tls::{Identity, TlsError};
+use worker::{Shared, WorkerCtx};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+    stats: Vec<Arc<WorkerStats>>,
+    identity_self_signed: bool,
+}
+
+impl Relay {
+    /// Binds the listeners and starts the workers. Returns once every worker has its listener,
+    /// so a client may connect as soon as this returns.
+    pub fn start(config: Checked) -> Result<Relay, StartError> {
+        let identity = Identity::load(&config.tls)?;
+        let tls = transport::tls::tcp_server_config(&identity)?;
+        // The first listener fixes the port (port 0 picks one); the others share it.
+        let first = io::tcp::reuseport_listener(config.listen, 1024).map_err(|source| {
+            StartError::Listen {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let local_addr = first.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let mut listeners = vec![first];
+        for _ in 1..config.workers {
+            listeners.push(
+                io::tcp::reuseport_listener(local_addr, 1024).map_err(|source| {
+                    StartError::Listen {
+                        addr: local_addr,
+                        source,
+                    }
+                })?,
+            );
+        }
+        let policy = TargetPolicy::new(
+            config.allow_targets.clone(),
+            config.deny_targets.clone(),
+            vec![local_addr],
+        );
+        let cores = if config.pin_workers {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let shared = Arc::new(Shared {
+            config,
+            policy,
+            tls,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut threads = Vec::new();
+        let mut stats = Vec::new();
+        for (id, listener) in listeners.into_iter().enumerate() {
+            let ctx = WorkerCtx {
+                id,
+                shared: shared.clone(),
+                stats: Arc::new(WorkerStats::default()),
+                shutdown: shutdown_rx.clone(),
+            };
+            stats.push(ctx.stats.clone());
+            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let t = std::thread::Builder::new()
+                .name(format!("worker-{id}"))
+                .spawn(move || worker::run(ctx, listener, core))
+                .map_err(StartError::Thread)?;
+            threads.push(t);
+        }
+        Ok(Relay {
+            local_addr,
+            shutdown,
+            threads,
+            stats,
+            identity_self_signed: identity.self_signed,
+        })
+    }
+
+    /// The address the TCP listener is bound to (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Each worker's counters.
+    pub fn stats(&self) -> &[Arc<WorkerStats>] {
+        &self.stats
+    }
+
+    /// True when the TLS certificate was generated at start.
+    pub fn self_signed(&self) -> bool {
+        self.identity_self_signed
+    }
+
+    /// Stops every worker and waits for the threads to end. Open flows end their streams.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        info!("relay stopped");
+    }
+
+    /// Logs what the relay runs with.
+    pub fn log_summary(&self, config: &Checked) {
+        let cert = match &config.tls {
+            TlsSource::Files { cert, .. } => cert.display().to_string(),
+            TlsSource::SelfSigned => "self-signed (generated at start)".to_owned(),
+        };
+        info!(
+            listen = %self.local_addr,
+            protocols = "h2, http/1.1 over TLS",
+            workers = config.workers,
+            pinned = config.pin_workers,
+            uri_template = config.uri_template.as_str(),
+            %cert,
+            "masque-relay listening"
+        );
+        let allow: Vec<String> = config.allow_targets.iter().map(|r| r.to_string()).collect();
+        let deny: Vec<String> = config.deny_targets.iter().map(|r| r.to_string()).collect();
+        info!(
+            ?allow,
+            ?deny,
+            idle_timeout_s = config.flow_idle_timeout.as_secs(),
+            "target policy: default deny list (loopback, private, link-local, CGNAT, multicast, \
+             reserved, own address) plus these rules"
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! The `masque-relay` command: reads the configuration, starts the workers, waits for a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{error, info, warn};
+
+use masque_relay::config::Config;
+use masque_relay::Relay;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A CONNECT-UDP (RFC 9298) relay: clients ask over HTTP/2 or HTTP/1.1 (TLS) for a UDP flow to
+/// host:port, and the relay moves datagrams both ways.
+///
+/// With no options it listens on 127.0.0.1:4433 with a self-signed certificate for localhost.
+/// Flags override the configuration file.
+#[derive(Debug, Parser)]
+#[command(name = "masque-relay", version, about, long_about)]
+struct Cli {
+    /// TOML configuration file; every field is documented in the README.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Address and port to listen on (TCP for HTTP/2 and HTTP/1.1). Port 0 picks a free one.
+    /// [default: 127.0.0.1:4433]
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+
+    /// Worker threads, each pinned to a core; 0 = one per available core. [default: 0]
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    no_pin: bool,
+
+    /// PEM certificate chain. Without --cert and --key a self-signed certificate is generated.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+
+    /// PEM private key for --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+
+    /// Allow targets the default deny list refuses (loopback, private, ...): CIDR[:PORT[-PORT]],
+    /// e.g. 127.0.0.0/8 or ::1/128:5000-6000. Repeatable; adds to the file's allow_targets.
+    #[arg(long = "allow-target", value_name = "CIDR[:PORTS]")]
+    allow_target: Vec<String>,
+
+    /// Refuse targets, whatever else allows them: CIDR[:PORT[-PORT]]. Repeatable.
+    #[arg(long = "deny-target", value_name = "CIDR[:PORTS]")]
+    deny_target: Vec<String>,
+
+    /// URI template clients use (RFC 6570 level 3, with {target_host} and {target_port}).
+    /// [default: /.well-known/masque/udp/{target_host}/{target_port}/]
+    #[arg(long, value_name = "TEMPLATE")]
+    uri_template: Option<String>,
+
+    /// Close a flow after this many seconds without a datagram either way. [default: 120]
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `masque_relay=debug`.
+    /// RUST_LOG is used when this is not given. [default: info]
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+impl Cli {
+    fn into_config(self) -> Result<Config, masque_relay::config::ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = self.workers {
+            cfg.workers = v;
+        }
+        if self.no_pin {
+            cfg.pin_workers = false;
+        }
+        if self.cert.is_some() {
+            cfg.cert = self.cert;
+            cfg.key = self.key;
+        }
+        cfg.allow_targets.extend(self.allow_target);
+        cfg.deny_targets.extend(self.deny_target);
+        if let Some(v) = self.uri_template {
+            cfg.uri_template = v;
+        }
+        if let Some(v) = self.idle_timeout {
+            cfg.flow_idle_timeout_secs = v;
+        }
+        Ok(cfg)
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = match filter {
+        Some(f) => tracing_subscriber::EnvFilter::new(f),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let checked = match cli.into_config().and_then(|c| c.validate()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("invalid configuration: {e}");
+            eprintln!("masque-relay: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Signal handlers go in before anything can be observed from outside, so that a SIGTERM
+    // sent as soon as the relay says it is listening is a graceful stop, not the default kill.
+    let control = match Control::new() {
+        Ok(c) => c,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let relay = match Relay::start(checked.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start: {e}");
+            eprintln!("masque-relay: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    relay.log_summary(&checked);
+    if relay.self_signed() {
+        warn!("using a self-signed certificate generated at start: for local use only; set cert and key for anything else");
+    }
+    if !checked.listen.ip().is_loopback() {
+        warn!(listen = %checked.listen, "listening beyond loopback without client authentication");
+    }
+    control.wait_for_stop();
+    info!("shutting down");
+    relay.shutdown();
+    ExitCode::SUCCESS
+}
+
+/// The control thread's runtime and its signal streams.
+struct Control {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Control {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (term, int) = rt.block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })?;
+        Ok(Self { rt, term, int })
+    }
+
+    /// Blocks until SIGINT or SIGTERM.
+    fn wait_for_stop(mut self) {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.term.recv() => info!("SIGTERM received"),
+                _ = self.int.recv() => info!("SIGINT received"),
+            }
+        });
+    }
+}

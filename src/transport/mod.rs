@@ -1,0 +1,8 @@
+//! Adapters between the client protocols and the relay: TLS, HTTP/2, HTTP/1.1, the shared flow
+//! loop, and opening target sockets. These do I/O through tokio and `crate::io`.
+
+pub mod h2;
+pub mod http1;
+pub mod target;
+pub mod tls;
+pub mod tunnel;

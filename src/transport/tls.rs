@@ -1,0 +1,104 @@
+//! TLS for the TCP listener (rustls): the certificate from PEM files, or a self-signed one made
+//! at start for local use, and ALPN choosing between HTTP/2 and HTTP/1.1.
+
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsSource;
+
+/// ALPN identifiers offered on the TCP listener, preferred first.
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate {path}: {source}")]
+    Cert {
+        path: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path} holds no certificate")]
+    NoCert { path: String },
+    #[error("cannot read private key {path}: {source}")]
+    Key {
+        path: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("cannot generate a self-signed certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("certificate and key rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A certificate chain and its key.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// True when generated at start (the caller warns that it is for local use).
+    pub self_signed: bool,
+}
+
+impl Identity {
+    /// Loads or generates the identity the configuration asks for.
+    pub fn load(source: &TlsSource) -> Result<Self, TlsError> {
+        match source {
+            TlsSource::Files { cert, key } => {
+                let path = cert.display().to_string();
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|source| TlsError::Cert {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if chain.is_empty() {
+                    return Err(TlsError::NoCert { path });
+                }
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Key {
+                    path: key.display().to_string(),
+                    source,
+                })?;
+                Ok(Self {
+                    chain,
+                    key,
+                    self_signed: false,
+                })
+            }
+            TlsSource::SelfSigned => Self::self_signed(),
+        }
+    }
+
+    /// A fresh self-signed certificate for `localhost`, 127.0.0.1 and ::1.
+    pub fn self_signed() -> Result<Self, TlsError> {
+        let names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        let ck = rcgen::generate_simple_self_signed(names)?;
+        Ok(Self {
+            chain: vec![ck.cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into()),
+            self_signed: true,
+        })
+    }
+}
+
+/// The provider every TLS config of the relay uses (aws-lc-rs).
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The rustls server configuration for the TCP listener.
+pub fn tcp_server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    // Session tickets make reconnecting clients cheap; rustls rotates the keys itself.
+    cfg.send_tls13_tickets = 2;
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,110 @@
+//! The `masque-relay` binary as a user runs it: help, bad configuration, and a real start.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn relay() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_masque-relay"))
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = relay().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--config",
+        "--listen",
+        "--workers",
+        "--cert",
+        "--key",
+        "--allow-target",
+        "--deny-target",
+        "--uri-template",
+        "--idle-timeout",
+    ] {
+        assert!(text.contains(flag), "--help does not mention {flag}");
+    }
+}
+
+#[test]
+fn bad_values_exit_2_naming_the_field() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--listen", "not-an-address"], "listen"),
+        (&["--allow-target", "10.0.0.0/40"], "allow_targets"),
+        (&["--uri-template", "/no/variables"], "uri_template"),
+        (&["--idle-timeout", "0"], "flow_idle_timeout_secs"),
+        (
+            &[
+                "--cert",
+                "/nonexistent/cert.pem",
+                "--key",
+                "/nonexistent/key.pem",
+            ],
+            "cert",
+        ),
+    ];
+    for (args, field) in cases {
+        let out = relay().args(*args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_config_file_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, "workers = \"many\"\n").unwrap();
+    let out = relay().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nno_such_field = 1\n").unwrap();
+    let out = relay().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_field"));
+}
+
+#[test]
+fn starts_with_defaults_and_stops_on_sigterm() {
+    // The README's first command, on a free port instead of 4433.
+    let mut child = relay()
+        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    let mut listening = false;
+    let mut warned = false;
+    while Instant::now() < deadline && !(listening && warned) {
+        let Some(Ok(line)) = lines.next() else { break };
+        listening |= line.contains("masque-relay listening");
+        warned |= line.contains("self-signed");
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    assert!(listening && warned, "start-up log:\n{seen}");
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
