@@ -54,6 +54,14 @@ impl Relay {
     /// Binds the listeners and starts the workers. Returns once every worker has its listener,
     /// so a client may connect as soon as this returns.
     pub fn start(config: Checked) -> Result<Relay, StartError> {
+        Self::start_with_resolver(config, Arc::new(transport::target::SystemResolver))
+    }
+
+    /// [`Relay::start`] with another resolver for target host names.
+    pub fn start_with_resolver(
+        config: Checked,
+        resolver: Arc<dyn transport::target::Resolve>,
+    ) -> Result<Relay, StartError> {
         let identity = Identity::load(&config.tls)?;
         let tls = transport::tls::tcp_server_config(&identity)?;
         // The first listener fixes the port (port 0 picks one); the others share it.
@@ -92,6 +100,7 @@ impl Relay {
             config,
             policy,
             tls,
+            resolver,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut threads = Vec::new();

@@ -427,3 +427,130 @@ async fn unreachable_target_closes_the_stream() {
         1
     );
 }
+
+#[tokio::test]
+async fn names_are_resolved_and_checked_by_address() {
+    let target = EchoTarget::start("127.0.0.1:0");
+    let resolver = TableResolver(vec![
+        // A name whose first address is denied (private) and second allowed (loopback):
+        // the relay skips the denied one.
+        (
+            "mixed.test",
+            vec![
+                "10.9.9.9:0".parse().unwrap(),
+                "127.0.0.1:0".parse().unwrap(),
+            ],
+        ),
+        ("private.test", vec!["192.168.1.1:0".parse().unwrap()]),
+    ]);
+    let relay = TestRelay::start_with_resolver(
+        |c| c.resolve_timeout_ms = 300,
+        std::sync::Arc::new(resolver),
+    );
+    let mut client = relay.h2().await;
+    let port = target.addr.port();
+
+    let (resp, mut send, mut body) = connect_udp(&mut client, &udp_path("mixed.test", port)).await;
+    assert_eq!(status(&resp), 200);
+    send.send_data(Bytes::from(datagram(b"by name")), false)
+        .unwrap();
+    let mut reader = CapsuleReader::default();
+    assert_eq!(
+        recv_datagrams(&mut body, &mut reader, 1).await,
+        vec![b"by name".to_vec()]
+    );
+
+    let refusals = [
+        ("private.test", 403, "destination_ip_prohibited"),
+        ("nxdomain.test", 502, "dns_error"),
+        ("slow.test", 504, "dns_timeout"),
+    ];
+    for (name, want, error) in refusals {
+        let (resp, _, _) = connect_udp(&mut client, &udp_path(name, port)).await;
+        assert_eq!(status(&resp), want, "{name}");
+        let ps = resp.headers.get("proxy-status").unwrap().to_str().unwrap();
+        assert!(
+            ps.starts_with(&format!("masque-relay; error={error}")),
+            "{name}: {ps}"
+        );
+    }
+    assert_eq!(relay.sum(|s| s.resolve_failures.get()), 2);
+    assert_eq!(relay.sum(|s| s.flows_opened.get()), 1);
+}
+
+#[tokio::test]
+async fn slow_reader_gets_drops_not_unbounded_buffering() {
+    let relay = TestRelay::start(|_| {});
+    let target = FloodTarget::start();
+    // A client with the default 64 KiB stream window that stops reading.
+    let tls = relay.tls(b"h2").await;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client;
+    for _ in 0..200 {
+        client = client.ready().await.unwrap();
+        if client.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (resp, mut send, mut body) =
+        connect_udp(&mut client, &udp_path("127.0.0.1", target.addr.port())).await;
+    assert_eq!(status(&resp), 200);
+    const FLOOD: u64 = 2000;
+    send.send_data(
+        Bytes::from(datagram(format!("flood {FLOOD}").as_bytes())),
+        false,
+    )
+    .unwrap();
+
+    // Wait until the relay has dealt with the flood (read and relayed or dropped it).
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let handled = || {
+        relay.sum(|s| s.drops_for(DropReason::ClientNotReading))
+            + relay.sum(|s| {
+                s.datagrams_for(
+                    masque_relay::proto::connect_udp::HttpVersion::Http2,
+                    masque_relay::metrics::Direction::ToClient,
+                )
+            })
+    };
+    let mut last = 0;
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = handled();
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    let dropped = relay.sum(|s| s.drops_for(DropReason::ClientNotReading));
+    assert!(dropped > 0, "no datagram was dropped for the slow reader");
+
+    // What the relay let through is bounded by the client's window: read it all now.
+    let mut reader = CapsuleReader::default();
+    let mut delivered = 0u64;
+    while let Ok(Some(Ok(data))) =
+        tokio::time::timeout(Duration::from_millis(500), body.data()).await
+    {
+        delivered += reader.push(&data).len() as u64;
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    assert!(
+        delivered * 1200 <= 65_535,
+        "{delivered} datagrams got through a 64 KiB window"
+    );
+    assert!(delivered + dropped <= FLOOD);
+    // The flow still works once the client reads again.
+    send.send_data(Bytes::from(datagram(b"still here")), false)
+        .unwrap();
+    let mut more = recv_datagrams(&mut body, &mut reader, 1).await;
+    assert_eq!(more.pop().as_deref(), Some(&b"still here"[..]));
+}

@@ -71,7 +71,7 @@ impl Rejection {
 }
 
 /// The name this relay gives itself in `Proxy-Status`.
-pub const PROXY_NAME: &str = "masque-relay";
+pub const PROXY_NAME: &str = sf::DEFAULT_PROXY_NAME;
 /// The HTTP Upgrade Token of RFC 9298 §3.
 pub const UPGRADE_TOKEN: &str = "connect-udp";
 

@@ -96,9 +96,19 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
             return Parsed::Error(400, "body framing on an upgrade request");
         }
     }
+    let mut path = req.path.unwrap_or_default().to_owned();
+    if let Some((authority, rest)) = split_absolute_form(req.path.unwrap_or_default()) {
+        // RFC 9112 §3.2.2: with an absolute-form request-target the authority in it is the one
+        // that counts, and Host is ignored. RFC 9298 §3.2's own example uses this form.
+        if authority.is_empty() {
+            return Parsed::Error(400, "absolute-form target without authority");
+        }
+        host = Some(authority.to_owned());
+        path = rest;
+    }
     Parsed::Complete(Head {
         method: req.method.unwrap_or_default().to_owned(),
-        path: req.path.unwrap_or_default().to_owned(),
+        path,
         host,
         connection_upgrade,
         upgrade,
@@ -107,15 +117,40 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     })
 }
 
+/// Splits `https://authority/path?query` into the authority and `/path?query` (a missing path
+/// becomes `/`); `None` for the usual origin-form `/path`.
+fn split_absolute_form(target: &str) -> Option<(&str, String)> {
+    let (scheme, rest) = target.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("https") && !scheme.eq_ignore_ascii_case("http") {
+        return None;
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    Some((authority, path))
+}
+
 /// Serves one HTTP/1.1 connection (after TLS): one upgrade, then the tunnel.
 pub(crate) async fn serve<T>(ctx: WorkerCtx, mut io: T) -> std::io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let mut buf = BytesMut::with_capacity(4096);
+    // The whole head must arrive within the handshake timeout (slowloris).
+    let deadline = tokio::time::Instant::now() + ctx.shared.config.handshake_timeout;
     let head = loop {
-        if io.read_buf(&mut buf).await? == 0 {
-            return Ok(()); // closed before a complete request
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) => {
+                let r = Rejection::new(408, None, "request head not received in time");
+                return refuse(&ctx, &mut io, &r).await;
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => return Ok(()), // closed before a complete request
+            Ok(Ok(_)) => {}
         }
         match parse_head(&buf) {
             Parsed::Partial => {
@@ -308,6 +343,32 @@ mod tests {
         let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
         long.resize(MAX_HEAD + 10, b'a');
         assert_eq!(status(&long), 431);
+    }
+
+    #[test]
+    fn absolute_form_uses_its_authority() {
+        let req =
+            b"GET https://relay.example:8443/.well-known/masque/udp/192.0.2.6/443/ HTTP/1.1\r\n\
+            Host: ignored.example\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\r\n";
+        let Parsed::Complete(h) = parse_head(req) else {
+            panic!()
+        };
+        assert_eq!(h.host.as_deref(), Some("relay.example:8443"));
+        assert_eq!(h.path, "/.well-known/masque/udp/192.0.2.6/443/");
+        let split = |t| split_absolute_form(t).map(|(a, p)| (a.to_owned(), p));
+        assert_eq!(
+            split("https://a.example"),
+            Some(("a.example".into(), "/".into()))
+        );
+        assert_eq!(
+            split("HTTPS://a.example?x=1"),
+            Some(("a.example".into(), "/?x=1".into()))
+        );
+        assert_eq!(split("/plain/path"), None);
+        assert_eq!(split("ftp://a/b"), None);
+        let Parsed::Error(400, _) = parse_head(b"GET https:///x HTTP/1.1\r\n\r\n") else {
+            panic!()
+        };
     }
 
     proptest::proptest! {

@@ -3,8 +3,10 @@
 //! policy allows. Every refusal comes back as a [`Rejection`] with its `Proxy-Status` error, and
 //! no socket exists for a refused request.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 
 use tracing::debug;
 
@@ -14,13 +16,37 @@ use crate::proto::sf::ProxyError;
 use crate::proto::target::{Target, TargetHost};
 use crate::worker::WorkerCtx;
 
-/// Resolves, checks and connects. Resolution runs on tokio's blocking pool (getaddrinfo, so
-/// /etc/hosts and the system resolver configuration apply), never on the worker's own thread.
+/// A boxed resolution in progress.
+pub type Resolution = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
+
+/// Turns a target host name into addresses. The relay uses [`SystemResolver`]; tests and
+/// embedders can put another behind [`crate::Relay::start_with_resolver`].
+pub trait Resolve: Send + Sync + std::fmt::Debug {
+    fn resolve(&self, host: &str, port: u16) -> Resolution;
+}
+
+/// The system resolver (getaddrinfo on tokio's blocking pool): /etc/hosts, nsswitch and
+/// resolv.conf apply, and the worker's event loop never blocks on it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&self, host: &str, port: u16) -> Resolution {
+        let host = host.to_owned();
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .collect())
+        })
+    }
+}
+
+/// Resolves, checks and connects.
 pub(crate) async fn open(ctx: &WorkerCtx, target: &Target) -> Result<FlowSocket, Rejection> {
     let addrs: Vec<SocketAddr> = match &target.host {
         TargetHost::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         TargetHost::Name(name) => {
-            let lookup = tokio::net::lookup_host((name.as_str(), target.port));
+            let lookup = ctx.shared.resolver.resolve(name, target.port);
             match tokio::time::timeout(ctx.shared.config.resolve_timeout, lookup).await {
                 Err(_) => {
                     ctx.stats.resolve_failures.inc();
@@ -39,7 +65,7 @@ pub(crate) async fn open(ctx: &WorkerCtx, target: &Target) -> Result<FlowSocket,
                         "resolution failed",
                     ));
                 }
-                Ok(Ok(it)) => it.collect(),
+                Ok(Ok(addrs)) => addrs,
             }
         }
     };

@@ -12,6 +12,7 @@ use crate::config::Checked;
 use crate::metrics::WorkerStats;
 use crate::proto::connect_udp::HttpVersion;
 use crate::relay::policy::TargetPolicy;
+use crate::transport::target::Resolve;
 use crate::transport::{h2, http1, tls};
 
 /// Read-only state shared by all workers.
@@ -20,6 +21,7 @@ pub struct Shared {
     pub config: Checked,
     pub policy: TargetPolicy,
     pub tls: Arc<rustls::ServerConfig>,
+    pub resolver: Arc<dyn Resolve>,
 }
 
 /// What one worker's tasks have at hand.

@@ -32,6 +32,14 @@ impl TestRelay {
     /// Starts a relay on 127.0.0.1:0 with two workers, loopback targets allowed, and the
     /// changes `f` makes to the configuration.
     pub fn start(f: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_resolver(f, Arc::new(masque_relay::transport::target::SystemResolver))
+    }
+
+    /// [`TestRelay::start`] with a resolver of the test's choosing.
+    pub fn start_with_resolver(
+        f: impl FnOnce(&mut Config),
+        resolver: Arc<dyn masque_relay::transport::target::Resolve>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let cert_path = dir.path().join("cert.pem");
@@ -49,7 +57,7 @@ impl TestRelay {
             ..Config::default()
         };
         f(&mut cfg);
-        let relay = Relay::start(cfg.validate().unwrap()).unwrap();
+        let relay = Relay::start_with_resolver(cfg.validate().unwrap(), resolver).unwrap();
         let addr = relay.local_addr();
 
         let mut roots = rustls::RootCertStore::empty();
@@ -309,5 +317,88 @@ pub async fn stream_end(body: &mut RecvStream, within: Duration) -> Result<(), h
             Ok(Some(Ok(data))) => assert!(data.is_empty(), "unexpected data {data:?}"),
             Ok(Some(Err(e))) => return Err(e),
         }
+    }
+}
+
+/// A UDP target on loopback: `flood N` makes it send N datagrams of 1200 bytes back at once;
+/// anything else is echoed.
+pub struct FloodTarget {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FloodTarget {
+    pub fn start() -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                match msg
+                    .strip_prefix("flood ")
+                    .and_then(|c| c.parse::<usize>().ok())
+                {
+                    Some(count) => {
+                        for i in 0..count {
+                            let mut d = vec![0u8; 1200];
+                            d[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                            let _ = sock.send_to(&d, from);
+                        }
+                    }
+                    None => {
+                        let _ = sock.send_to(&buf[..n], from);
+                    }
+                }
+            }
+        });
+        FloodTarget {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FloodTarget {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A resolver with a fixed table; names not in it fail, and `slow.test` never answers.
+#[derive(Debug, Default)]
+pub struct TableResolver(pub Vec<(&'static str, Vec<SocketAddr>)>);
+
+impl masque_relay::transport::target::Resolve for TableResolver {
+    fn resolve(&self, host: &str, port: u16) -> masque_relay::transport::target::Resolution {
+        let found = self
+            .0
+            .iter()
+            .find(|(name, _)| *name == host)
+            .map(|(_, addrs)| {
+                addrs
+                    .iter()
+                    .map(|a| SocketAddr::new(a.ip(), port))
+                    .collect::<Vec<_>>()
+            });
+        let slow = host == "slow.test";
+        Box::pin(async move {
+            if slow {
+                std::future::pending::<()>().await;
+            }
+            found.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such name"))
+        })
     }
 }
