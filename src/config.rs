@@ -19,6 +19,9 @@ use crate::relay::policy::AddrRule;
 pub const DEFAULT_URI_TEMPLATE: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
 /// The default listen address: loopback only, so a first run exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
+/// The default `/metrics` address: loopback only, on the port OpenTelemetry's Prometheus
+/// exporter uses.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 
 /// The relay's configuration file. Every field is optional; the default is given on each field.
 #[derive(Debug, Clone, Deserialize)]
@@ -58,8 +61,59 @@ pub struct Config {
     /// Bytes of target-to-client datagrams that may wait per flow for a client that reads slowly;
     /// beyond it datagrams are dropped and counted. Default 262144.
     pub client_send_buffer: usize,
+    /// Address and port of the Prometheus `/metrics` endpoint (plain HTTP, served by its own
+    /// thread), or `off`. Port 0 picks a free port. Default `127.0.0.1:9464`.
+    pub metrics: String,
     /// HTTP/2 settings.
     pub http2: Http2Config,
+    /// HTTP/3 (QUIC) settings.
+    pub http3: Http3Config,
+}
+
+/// HTTP/3 and QUIC settings. The QUIC listener uses the same address and port as `listen`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http3Config {
+    /// Serve HTTP/3 on UDP at the `listen` address. Default true.
+    pub enabled: bool,
+    /// Concurrent request streams (flows) per connection. Default 256.
+    pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_FIELD_SECTION_SIZE, and the limit on a request's decoded headers, in
+    /// bytes. Default 16384.
+    pub max_field_section_size: u64,
+    /// A connection with no packet for this many seconds is closed. Default 30.
+    pub idle_timeout_secs: u64,
+    /// Size of the first QUIC packets sent, in bytes (1200..=65527). Path MTU discovery grows it
+    /// from there. At least 1350 keeps inner QUIC packets of 1200 bytes and more relayable in
+    /// DATAGRAM frames. Default 1350.
+    pub initial_mtu: u16,
+    /// Bytes of DATAGRAM frames that may wait per connection, each way; beyond it target
+    /// datagrams are dropped and counted. Default 1048576.
+    pub datagram_buffer: usize,
+    /// When more handshakes than this are pending on a worker, new clients must first prove
+    /// their address with a Retry. Default 64.
+    pub retry_threshold: usize,
+    /// Connections per worker; more are refused. Default 10000.
+    pub max_connections_per_worker: usize,
+    /// SO_RCVBUF / SO_SNDBUF asked for the QUIC socket, in bytes (capped by
+    /// net.core.rmem_max / wmem_max). Default 4194304.
+    pub socket_buffer: usize,
+}
+
+impl Default for Http3Config {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_concurrent_streams: 256,
+            max_field_section_size: 16 * 1024,
+            idle_timeout_secs: 30,
+            initial_mtu: 1350,
+            datagram_buffer: 1024 * 1024,
+            retry_threshold: 64,
+            max_connections_per_worker: 10_000,
+            socket_buffer: 4 * 1024 * 1024,
+        }
+    }
 }
 
 /// HTTP/2 limits, all set explicitly rather than left to library defaults.
@@ -94,7 +148,9 @@ impl Default for Config {
             handshake_timeout_secs: 10,
             max_udp_payload: crate::proto::capsule::MAX_UDP_PAYLOAD,
             client_send_buffer: 256 * 1024,
+            metrics: DEFAULT_METRICS.to_owned(),
             http2: Http2Config::default(),
+            http3: Http3Config::default(),
         }
     }
 }
@@ -143,7 +199,10 @@ pub struct Checked {
     pub handshake_timeout: Duration,
     pub max_udp_payload: usize,
     pub client_send_buffer: usize,
+    /// Where `/metrics` is served; `None` when `metrics = "off"`.
+    pub metrics: Option<SocketAddr>,
     pub http2: Http2Config,
+    pub http3: Http3Config,
 }
 
 /// Where the TLS certificate comes from.
@@ -228,6 +287,13 @@ impl Config {
         if self.client_send_buffer < 2048 {
             return Err(bad("client_send_buffer", "must be at least 2048 bytes"));
         }
+        let metrics = match self.metrics.as_str() {
+            "off" => None,
+            a => Some(
+                SocketAddr::from_str(a)
+                    .map_err(|e| bad("metrics", format!("{a:?} is not ADDR:PORT or off ({e})")))?,
+            ),
+        };
         let h2 = &self.http2;
         if h2.max_concurrent_streams == 0 {
             return Err(bad("http2.max_concurrent_streams", "must be at least 1"));
@@ -252,6 +318,28 @@ impl Config {
                 return Err(bad(field, format!("{v} is outside 65535..=2147483647")));
             }
         }
+        let h3 = &self.http3;
+        if h3.max_concurrent_streams == 0 {
+            return Err(bad("http3.max_concurrent_streams", "must be at least 1"));
+        }
+        if h3.max_field_section_size < 1024 {
+            return Err(bad("http3.max_field_section_size", "must be at least 1024"));
+        }
+        if h3.idle_timeout_secs == 0 || h3.idle_timeout_secs > 3600 {
+            return Err(bad("http3.idle_timeout_secs", "must be within 1..=3600"));
+        }
+        if !(1200..=65_527).contains(&h3.initial_mtu) {
+            return Err(bad("http3.initial_mtu", "must be within 1200..=65527"));
+        }
+        if h3.datagram_buffer < 65_536 {
+            return Err(bad("http3.datagram_buffer", "must be at least 65536"));
+        }
+        if h3.max_connections_per_worker == 0 {
+            return Err(bad(
+                "http3.max_connections_per_worker",
+                "must be at least 1",
+            ));
+        }
         Ok(Checked {
             listen,
             workers,
@@ -265,7 +353,9 @@ impl Config {
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
             max_udp_payload: self.max_udp_payload,
             client_send_buffer: self.client_send_buffer,
+            metrics,
             http2: self.http2.clone(),
+            http3: self.http3.clone(),
         })
     }
 }

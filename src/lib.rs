@@ -38,6 +38,11 @@ pub enum StartError {
     },
     #[error("cannot start worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running relay.
@@ -47,6 +52,7 @@ pub struct Relay {
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
     stats: Vec<Arc<WorkerStats>>,
+    metrics: Option<metrics::MetricsServer>,
     identity_self_signed: bool,
 }
 
@@ -86,6 +92,36 @@ impl Relay {
                 })?,
             );
         }
+        // Bound before any worker starts, so a taken metrics port stops the relay cleanly.
+        let metrics_listener = config
+            .metrics
+            .map(|addr| {
+                metrics::MetricsServer::bind(addr)
+                    .map_err(|source| StartError::Metrics { addr, source })
+            })
+            .transpose()?;
+        // One QUIC socket per worker on the same port (UDP), bound in worker order: the i-th
+        // socket of the reuseport group is worker i, which the CID steering program relies on.
+        let mut quic_sockets = Vec::new();
+        let quic = if config.http3.enabled {
+            let addr = local_addr;
+            for _ in 0..config.workers {
+                let s = io::quic_socket::bind_reuseport(addr, config.http3.socket_buffer)
+                    .map_err(|source| StartError::Listen { addr, source })?;
+                quic_sockets.push(s);
+            }
+            if config.workers > 1 {
+                if let Err(e) =
+                    io::bpf::attach_cid_steering(&quic_sockets[0], config.workers as u32)
+                {
+                    tracing::warn!(error = %e, "cannot attach the QUIC steering program: clients that change address may lose their connection");
+                }
+            }
+            Some(transport::quic::server_config(&identity, &config.http3)?)
+        } else {
+            None
+        };
+        let mut quic_sockets = quic_sockets.into_iter();
         let policy = TargetPolicy::new(
             config.allow_targets.clone(),
             config.deny_targets.clone(),
@@ -114,17 +150,26 @@ impl Relay {
             };
             stats.push(ctx.stats.clone());
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let quic = quic.clone().zip(quic_sockets.next());
             let t = std::thread::Builder::new()
                 .name(format!("worker-{id}"))
-                .spawn(move || worker::run(ctx, listener, core))
+                .spawn(move || worker::run(ctx, listener, quic, core))
                 .map_err(StartError::Thread)?;
             threads.push(t);
         }
+        let metrics = metrics_listener
+            .map(|l| {
+                let registry = metrics::RelayCollector::registry(&stats);
+                metrics::MetricsServer::start(l, registry, shutdown_rx.clone())
+            })
+            .transpose()
+            .map_err(StartError::Thread)?;
         Ok(Relay {
             local_addr,
             shutdown,
             threads,
             stats,
+            metrics,
             identity_self_signed: identity.self_signed,
         })
     }
@@ -139,6 +184,13 @@ impl Relay {
         &self.stats
     }
 
+    /// The address `/metrics` is served on (with the real port when 0 was asked), unless off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .map(metrics::MetricsServer::local_addr)
+    }
+
     /// True when the TLS certificate was generated at start.
     pub fn self_signed(&self) -> bool {
         self.identity_self_signed
@@ -149,6 +201,9 @@ impl Relay {
         let _ = self.shutdown.send(true);
         for t in self.threads {
             let _ = t.join();
+        }
+        if let Some(m) = self.metrics {
+            m.join();
         }
         info!("relay stopped");
     }
@@ -177,5 +232,9 @@ impl Relay {
             "target policy: default deny list (loopback, private, link-local, CGNAT, multicast, \
              reserved, own address) plus these rules"
         );
+        match self.metrics_addr() {
+            Some(addr) => info!(%addr, "metrics served at http://{addr}/metrics"),
+            None => info!("metrics endpoint off"),
+        }
     }
 }

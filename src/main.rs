@@ -7,6 +7,7 @@ use clap::Parser;
 use tracing::{error, info, warn};
 
 use masque_relay::config::Config;
+use masque_relay::io::{notify, sysctl};
 use masque_relay::Relay;
 
 #[global_allocator]
@@ -63,6 +64,11 @@ struct Cli {
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics, or `off`.
+    /// [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    metrics: Option<String>,
+
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `masque_relay=debug`.
     /// RUST_LOG is used when this is not given. [default: info]
     #[arg(long, value_name = "FILTER")]
@@ -95,6 +101,9 @@ impl Cli {
         }
         if let Some(v) = self.idle_timeout {
             cfg.flow_idle_timeout_secs = v;
+        }
+        if let Some(v) = self.metrics {
+            cfg.metrics = v;
         }
         Ok(cfg)
     }
@@ -148,10 +157,47 @@ fn main() -> ExitCode {
     if !checked.listen.ip().is_loopback() {
         warn!(listen = %checked.listen, "listening beyond loopback without client authentication");
     }
+    check_kernel(&checked);
+    notify_ready(&relay, &checked);
     control.wait_for_stop();
     info!("shutting down");
+    if let Err(e) = notify::stopping() {
+        warn!("cannot notify the service manager: {e}");
+    }
     relay.shutdown();
     ExitCode::SUCCESS
+}
+
+/// Raises the soft open-file limit to the hard one, then warns about every kernel setting below
+/// what the relay needs (see `tuning/`). Never fatal: a small kernel still relays, just less.
+fn check_kernel(checked: &masque_relay::config::Checked) {
+    if let Err(e) = sysctl::raise_nofile_limit() {
+        warn!("cannot raise RLIMIT_NOFILE to its hard limit: {e}");
+    }
+    let kernel = sysctl::KernelLimits::read();
+    let needs = sysctl::Needs {
+        socket_buffer: if checked.http3.enabled {
+            checked.http3.socket_buffer as u64
+        } else {
+            0
+        },
+        ..sysctl::Needs::default()
+    };
+    for w in sysctl::check(&kernel, &needs) {
+        warn!("kernel setting below what the relay needs: {w}");
+    }
+}
+
+/// Tells systemd (`Type=notify`) the relay is up; does nothing outside systemd.
+fn notify_ready(relay: &Relay, checked: &masque_relay::config::Checked) {
+    let status = format!(
+        "listening on {}, {} workers",
+        relay.local_addr(),
+        checked.workers
+    );
+    if let Err(e) = notify::ready().and_then(|()| notify::status(&status)) {
+        warn!("cannot notify the service manager: {e}");
+    }
 }
 
 /// The control thread's runtime and its signal streams.

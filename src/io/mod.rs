@@ -6,6 +6,10 @@
 //! `FlowSocket` is the tokio reactor (epoll) today; an io_uring backend replaces it behind the same
 //! methods, without `relay/` or `proto/` noticing.
 
+pub mod bpf;
+pub mod notify;
+pub mod quic_socket;
 pub mod sockopt;
+pub mod sysctl;
 pub mod tcp;
 pub mod udp;

@@ -3,6 +3,7 @@
 
 pub mod capsule;
 pub mod connect_udp;
+pub mod h3;
 pub mod sf;
 pub mod target;
 pub mod uri_template;

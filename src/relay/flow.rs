@@ -31,15 +31,22 @@ pub enum DropReason {
     ClientNotReading,
     /// The target socket's send buffer is full.
     TargetBusy,
+    /// For a stream with no flow: not yet answered (held too long or too many held), already
+    /// closed, or refused.
+    NoFlow,
+    /// An HTTP Datagram too short to carry a context ID.
+    Malformed,
 }
 
 impl DropReason {
     /// All reasons, for metric label enumeration.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::UnknownContext,
         DropReason::TooLarge,
         DropReason::ClientNotReading,
         DropReason::TargetBusy,
+        DropReason::NoFlow,
+        DropReason::Malformed,
     ];
 
     /// Label used in logs and metrics.
@@ -49,6 +56,8 @@ impl DropReason {
             DropReason::TooLarge => "too_large",
             DropReason::ClientNotReading => "client_not_reading",
             DropReason::TargetBusy => "target_busy",
+            DropReason::NoFlow => "no_flow",
+            DropReason::Malformed => "malformed",
         }
     }
 }

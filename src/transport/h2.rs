@@ -57,6 +57,7 @@ async fn handle_request(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
+    let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let protocol = parts.extensions.get::<h2::ext::Protocol>();
     let capsule_protocol = parts.headers.get("capsule-protocol").map(|v| v.as_bytes());
@@ -78,8 +79,9 @@ async fn handle_request(
         Ok(sock) => sock,
         Err(rejection) => {
             debug!(status = rejection.status, details = %rejection.details, path = ?parts.uri.path_and_query(), "h2 request refused");
-            ctx.stats.request(VERSION, rejection.status);
+            ctx.stats.refused(VERSION, &rejection);
             let _ = respond.send_response(error_response(&rejection), true);
+            ctx.stats.request_seconds.observe(started.elapsed());
             return;
         }
     };
@@ -95,6 +97,7 @@ async fn handle_request(
             return;
         }
     };
+    ctx.stats.request_seconds.observe(started.elapsed());
     ctx.stats.request(VERSION, 200);
     ctx.stats.flows_opened.inc();
     debug!(target = %sock.target(), "h2 flow opened");

@@ -165,13 +165,16 @@ where
             Parsed::Complete(head) => break head,
         }
     };
+    let started = std::time::Instant::now();
     if !head.connection_upgrade && head.method == "GET" {
         let r = Rejection::new(
             400,
             Some(ProxyError::HttpRequestError),
             "Connection must list upgrade",
         );
-        return refuse(&ctx, &mut io, &r).await;
+        let sent = refuse(&ctx, &mut io, &r).await;
+        ctx.stats.request_seconds.observe(started.elapsed());
+        return sent;
     }
     let req = RequestHead {
         version: VERSION,
@@ -188,7 +191,11 @@ where
     };
     let sock = match opened {
         Ok(s) => s,
-        Err(r) => return refuse(&ctx, &mut io, &r).await,
+        Err(r) => {
+            let sent = refuse(&ctx, &mut io, &r).await;
+            ctx.stats.request_seconds.observe(started.elapsed());
+            return sent;
+        }
     };
     io.write_all(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\
@@ -196,6 +203,7 @@ where
     )
     .await?;
     io.flush().await?;
+    ctx.stats.request_seconds.observe(started.elapsed());
     ctx.stats.request(VERSION, 101);
     ctx.stats.flows_opened.inc();
     debug!(target = %sock.target(), "http/1.1 flow opened");
@@ -218,7 +226,7 @@ async fn refuse<T: AsyncWrite + Unpin>(
     r: &Rejection,
 ) -> std::io::Result<()> {
     debug!(status = r.status, details = %r.details, "http/1.1 request refused");
-    ctx.stats.request(VERSION, r.status);
+    ctx.stats.refused(VERSION, r);
     let reason = http::StatusCode::from_u16(r.status)
         .ok()
         .and_then(|s| s.canonical_reason())

@@ -2,7 +2,9 @@
 //! loop, and opening target sockets. These do I/O through tokio and `crate::io`.
 
 pub mod h2;
+pub mod h3;
 pub mod http1;
+pub mod quic;
 pub mod target;
 pub mod tls;
 pub mod tunnel;

@@ -129,15 +129,17 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
         CloseReason::ClientAbort => {}
     }
     let c = flow.counters();
+    let lifetime = flow.age(Instant::now());
     debug!(
         target = %sock.target(),
         reason = reason.as_str(),
         to_target = c.to_target_datagrams,
         to_client = c.to_client_datagrams,
         dropped = c.dropped,
-        lifetime_ms = flow.age(Instant::now()).as_millis() as u64,
+        lifetime_ms = lifetime.as_millis() as u64,
         "flow closed"
     );
+    stats.flow_lifetime_seconds.observe(lifetime);
     stats.flow_closed(reason);
     reason
 }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::Checked;
-use crate::metrics::WorkerStats;
+use crate::metrics::{ConnectionClose, HandshakeFailure, WorkerStats};
 use crate::proto::connect_udp::HttpVersion;
 use crate::relay::policy::TargetPolicy;
 use crate::transport::target::Resolve;
@@ -35,7 +35,12 @@ pub struct WorkerCtx {
 }
 
 /// Runs a worker on the current thread until shutdown: accepts TCP connections and serves them.
-pub fn run(ctx: WorkerCtx, listener: TcpListener, core: Option<core_affinity::CoreId>) {
+pub fn run(
+    ctx: WorkerCtx,
+    listener: TcpListener,
+    quic: Option<(Arc<quinn_proto::ServerConfig>, std::net::UdpSocket)>,
+    core: Option<core_affinity::CoreId>,
+) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core) {
             warn!(
@@ -56,7 +61,22 @@ pub fn run(ctx: WorkerCtx, listener: TcpListener, core: Option<core_affinity::Co
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, accept_loop(ctx, listener));
+    local.block_on(&rt, async move {
+        let quic = quic.map(|(server, socket)| {
+            let workers = ctx.shared.config.workers;
+            tokio::task::spawn_local(crate::transport::quic::run(
+                ctx.clone(),
+                socket,
+                server,
+                workers,
+            ))
+        });
+        accept_loop(ctx, listener).await;
+        // The QUIC side closes its connections (CONNECTION_CLOSE) before the runtime goes away.
+        if let Some(q) = quic {
+            let _ = q.await;
+        }
+    });
 }
 
 async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
@@ -87,15 +107,16 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
         let acceptor = acceptor.clone();
         tokio::task::spawn_local(async move {
             let timeout = ctx.shared.config.handshake_timeout;
+            let started = std::time::Instant::now();
             let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    ctx.stats.handshake_failures.inc();
+                    ctx.stats.handshake_failure(HandshakeFailure::Tls);
                     debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    ctx.stats.handshake_failures.inc();
+                    ctx.stats.handshake_failure(HandshakeFailure::Timeout);
                     debug!(%peer, "TLS handshake timed out");
                     return;
                 }
@@ -106,19 +127,25 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
             } else {
                 HttpVersion::Http11
             };
+            ctx.stats.handshake_seconds.observe(started.elapsed());
             ctx.stats.connection_accepted(version);
             debug!(%peer, protocol = version.as_str(), "connection accepted");
-            let result = if is_h2 {
-                h2::serve(ctx.clone(), tls).await.map_err(|e| e.to_string())
+            let (result, why) = if is_h2 {
+                match h2::serve(ctx.clone(), tls).await {
+                    Ok(()) => (Ok(()), ConnectionClose::Normal),
+                    Err(e) if e.is_io() => (Err(e.to_string()), ConnectionClose::IoError),
+                    Err(e) => (Err(e.to_string()), ConnectionClose::ProtocolError),
+                }
             } else {
-                http1::serve(ctx.clone(), tls)
-                    .await
-                    .map_err(|e| e.to_string())
+                match http1::serve(ctx.clone(), tls).await {
+                    Ok(()) => (Ok(()), ConnectionClose::Normal),
+                    Err(e) => (Err(e.to_string()), ConnectionClose::IoError),
+                }
             };
             if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
-            ctx.stats.connection_closed(version);
+            ctx.stats.connection_ended(version, why);
         });
     }
     info!(worker = ctx.id, "worker stopped accepting");

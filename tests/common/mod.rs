@@ -54,6 +54,8 @@ impl TestRelay {
             cert: Some(cert_path),
             key: Some(key_path),
             allow_targets: vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()],
+            // Any free port: tests run in parallel, and the default 9464 may be taken.
+            metrics: "127.0.0.1:0".to_owned(),
             ..Config::default()
         };
         f(&mut cfg);
@@ -401,4 +403,108 @@ impl masque_relay::transport::target::Resolve for TableResolver {
             found.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such name"))
         })
     }
+}
+
+// ---- HTTP/3: the async `quinn` crate with `h3` and `h3-datagram` as the independent client ----
+
+impl TestRelay {
+    /// A quinn client configuration trusting the relay's certificate, offering ALPN `h3`.
+    pub fn quic_client_config(&self) -> quinn::ClientConfig {
+        let mut tls = (*self.client_tls).clone();
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.datagram_receive_buffer_size(Some(1 << 20));
+        cfg.transport_config(Arc::new(transport));
+        cfg
+    }
+
+    /// A QUIC connection to the relay from a new client endpoint bound to `bind`.
+    pub async fn quic(&self, bind: &str) -> (quinn::Endpoint, quinn::Connection) {
+        let mut ep = quinn::Endpoint::client(bind.parse().unwrap()).unwrap();
+        ep.set_default_client_config(self.quic_client_config());
+        let conn = tokio::time::timeout(TIMEOUT, ep.connect(self.addr, "localhost").unwrap())
+            .await
+            .expect("QUIC handshake in time")
+            .unwrap();
+        (ep, conn)
+    }
+}
+
+/// An HTTP/3 client connection (h3 crate) with datagrams and extended CONNECT enabled. HTTP
+/// Datagrams go straight over the quinn connection, framed by the test (quarter stream ID,
+/// RFC 9297 §2.1): h3-datagram 0.0.2 writes a zero quarter stream ID for every stream.
+pub struct H3Client {
+    pub endpoint: quinn::Endpoint,
+    pub quic: quinn::Connection,
+    pub send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+}
+
+pub type H3Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+impl H3Client {
+    /// Sends an HTTP Datagram for the request on `stream` carrying `payload` (context ID and
+    /// UDP payload).
+    pub fn send_datagram(&self, stream: h3::quic::StreamId, payload: &[u8]) {
+        let mut d = Vec::new();
+        varint(stream.into_inner() / 4, &mut d);
+        d.extend_from_slice(payload);
+        self.quic.send_datagram(Bytes::from(d)).unwrap();
+    }
+
+    /// The next HTTP Datagram: (request stream ID, context ID and payload).
+    pub async fn recv_datagram(&self) -> (u64, Vec<u8>) {
+        let d = tokio::time::timeout(TIMEOUT, self.quic.read_datagram())
+            .await
+            .expect("datagram in time")
+            .unwrap();
+        let (q, n) = read_varint(&d).expect("quarter stream ID");
+        (q * 4, d[n..].to_vec())
+    }
+}
+
+impl TestRelay {
+    pub async fn h3(&self) -> H3Client {
+        self.h3_from("127.0.0.1:0").await
+    }
+
+    pub async fn h3_from(&self, bind: &str) -> H3Client {
+        let (endpoint, quic) = self.quic(bind).await;
+        let (mut driver, send) = h3::client::builder()
+            .enable_datagram(true)
+            .enable_extended_connect(true)
+            .build::<_, _, Bytes>(h3_quinn::Connection::new(quic.clone()))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        H3Client {
+            endpoint,
+            quic,
+            send,
+        }
+    }
+}
+
+/// Sends an extended CONNECT (`:protocol = connect-udp`) over HTTP/3; returns the response and
+/// the request stream.
+pub async fn h3_connect_udp(client: &mut H3Client, path: &str) -> (http::Response<()>, H3Stream) {
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://localhost{path}"))
+        .header("capsule-protocol", "?1")
+        .extension(h3::ext::Protocol::CONNECT_UDP)
+        .body(())
+        .unwrap();
+    let mut stream = tokio::time::timeout(TIMEOUT, client.send.send_request(req))
+        .await
+        .expect("request sent in time")
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, stream.recv_response())
+        .await
+        .expect("response in time")
+        .unwrap();
+    (resp, stream)
 }

@@ -1,0 +1,469 @@
+//! QUIC for one worker: a `quinn_proto::Endpoint` driven by this worker on its own SO_REUSEPORT
+//! socket, with connection IDs that name the worker.
+//!
+//! The driver follows quinn-proto's contract (see the doc of `quinn_proto::Connection`):
+//!
+//! ```text
+//! socket batch (GRO) --> Endpoint::handle --> NewConnection   -> accept / retry / refuse
+//!                                         --> ConnectionEvent -> Connection::handle_event
+//!                                         --> Response        -> send
+//! timer            --> Connection::handle_timeout
+//! then for every connection touched: poll_transmit (GSO) -> poll_timeout -> poll_endpoint_events
+//!                                    (-> Endpoint::handle_event) -> poll (application events, h3)
+//! ```
+//!
+//! Everything runs on the worker's thread. The HTTP/3 sessions live in [`super::h3`]; tasks of
+//! the same worker (flow readers, target resolution) reach the driver's state through an
+//! `Rc<RefCell<..>>` and wake it with a `Notify`, never across threads.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::io::IoSliceMut;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use quinn_proto::{
+    ConnectionHandle, ConnectionId, ConnectionIdGenerator, DatagramEvent, Endpoint, EndpointConfig,
+    IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig, VarInt,
+};
+use quinn_udp::RecvMeta;
+use rand::Rng;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use super::h3::H3Conn;
+use crate::io::quic_socket::QuicSocket;
+use crate::proto::connect_udp::HttpVersion;
+use crate::transport::tls::{self, Identity, TlsError};
+use crate::worker::WorkerCtx;
+
+/// ALPN for HTTP/3.
+pub const ALPN_H3: &[u8] = b"h3";
+/// Length of the connection IDs the relay issues.
+pub const CID_LEN: usize = 8;
+/// Receive buffers per socket batch.
+const BATCH: usize = 8;
+/// Datagram events handled per wake-up before transmits and timers get their turn.
+const RECV_BUDGET: usize = 64;
+
+/// Connection IDs whose first byte names the worker: `byte % workers == worker`. The reuseport
+/// BPF program (`io::bpf`) reads that byte, so a client's packets reach the worker that owns its
+/// connection even after its address changes. The rest of the ID is random.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerCid {
+    worker: u8,
+    workers: u8,
+}
+
+impl WorkerCid {
+    pub fn new(worker: usize, workers: usize) -> Self {
+        assert!((1..=256).contains(&workers) && worker < workers);
+        Self {
+            worker: worker as u8,
+            workers: (workers - 1) as u8 + 1,
+        }
+    }
+
+    /// The worker a connection ID (or the DCID of a packet) belongs to.
+    pub fn worker_of(first_byte: u8, workers: usize) -> usize {
+        usize::from(first_byte) % workers
+    }
+}
+
+impl ConnectionIdGenerator for WorkerCid {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let mut rng = rand::rng();
+        let mut bytes = [0u8; CID_LEN];
+        rng.fill(&mut bytes[..]);
+        // Any byte b with b % workers == worker; the multiple is random so IDs stay unlinkable.
+        let n = u16::from(self.workers);
+        let spans = 256 / n;
+        bytes[0] = (u16::from(self.worker) + n * rng.random_range(0..spans)) as u8;
+        ConnectionId::new(&bytes)
+    }
+
+    fn validate(&self, cid: &ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if cid.len() == CID_LEN && cid[0] % self.workers == self.worker {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The QUIC server configuration shared by all workers.
+pub fn server_config(
+    id: &Identity,
+    cfg: &crate::config::Http3Config,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    // 0-RTT stays off: an early CONNECT-UDP could be replayed (RFC 9298 §7, PROTOCOL.md).
+    tls.max_early_data_size = 0;
+    let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_concurrent_streams))
+        // Control, QPACK encoder and decoder, plus room for grease streams.
+        .max_concurrent_uni_streams(VarInt::from_u32(8))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(Duration::from_secs(cfg.idle_timeout_secs))
+                .unwrap_or(IdleTimeout::from(VarInt::from_u32(30_000))),
+        ))
+        .initial_mtu(cfg.initial_mtu)
+        .mtu_discovery_config(Some(MtuDiscoveryConfig::default()))
+        // Advertises max_datagram_frame_size (RFC 9221) and bounds what waits each way.
+        .datagram_receive_buffer_size(Some(cfg.datagram_buffer))
+        .datagram_send_buffer_size(cfg.datagram_buffer)
+        .enable_segmentation_offload(true);
+    let mut server = ServerConfig::with_crypto(Arc::new(crypto));
+    server
+        .transport_config(Arc::new(transport))
+        .migration(true)
+        .max_incoming(4096)
+        .incoming_buffer_size(64 * 1024)
+        .incoming_buffer_size_total(16 * 1024 * 1024);
+    Ok(Arc::new(server))
+}
+
+/// The state of one worker's QUIC side, shared with the worker's tasks.
+pub(crate) type Shared = Rc<RefCell<QuicDriver>>;
+
+/// One worker's endpoint, socket and connections.
+pub(crate) struct QuicDriver {
+    pub ctx: WorkerCtx,
+    socket: Rc<QuicSocket>,
+    endpoint: Endpoint,
+    pub conns: HashMap<ConnectionHandle, H3Conn>,
+    /// Connections with work to do (events handled, data written) since their last poll.
+    dirty: HashSet<ConnectionHandle>,
+    /// Wakes the driver task after another task touched a connection.
+    pub wake: Rc<Notify>,
+    workers: usize,
+    send_buf: Vec<u8>,
+    response_buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for QuicDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicDriver")
+            .field("worker", &self.ctx.id)
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuicDriver {
+    pub fn new(
+        ctx: WorkerCtx,
+        socket: Rc<QuicSocket>,
+        server: Arc<ServerConfig>,
+        workers: usize,
+    ) -> Self {
+        let mut ec = EndpointConfig::default();
+        let (id, n) = (ctx.id, workers);
+        ec.cid_generator(move || Box::new(WorkerCid::new(id, n)));
+        let allow_mtud = !socket.may_fragment();
+        let endpoint = Endpoint::new(Arc::new(ec), Some(server), allow_mtud, None);
+        QuicDriver {
+            ctx,
+            socket,
+            endpoint,
+            conns: HashMap::new(),
+            dirty: HashSet::new(),
+            wake: Rc::new(Notify::new()),
+            workers,
+            send_buf: Vec::with_capacity(64 * 1024),
+            response_buf: Vec::new(),
+        }
+    }
+
+    /// Marks a connection as needing a poll pass.
+    pub fn touch(&mut self, ch: ConnectionHandle) {
+        self.dirty.insert(ch);
+    }
+
+    /// Reads what the socket holds (bounded), feeding the endpoint and connections.
+    fn recv(&mut self, now: Instant, bufs: &mut [Vec<u8>]) {
+        let mut handled = 0;
+        while handled < RECV_BUDGET {
+            let mut meta = [RecvMeta::default(); BATCH];
+            let n = {
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                match self.socket.try_recv(&mut slices, &mut meta) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        debug!(worker = self.ctx.id, error = %e, "QUIC socket receive failed");
+                        0
+                    }
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+                let stride = m.stride.max(1);
+                for seg in buf[..m.len].chunks(stride) {
+                    handled += 1;
+                    self.handle_packet(now, m, seg);
+                }
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, now: Instant, meta: &RecvMeta, seg: &[u8]) {
+        if self.misrouted(seg) {
+            // Never answer another worker's packet with a stateless reset on a guess.
+            self.ctx.stats.quic_misrouted.inc();
+            return;
+        }
+        let ecn = meta
+            .ecn
+            .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+        // The one copy on receive: into the buffer quinn-proto decrypts in place.
+        let data = BytesMut::from(seg);
+        self.response_buf.clear();
+        match self.endpoint.handle(
+            now,
+            meta.addr,
+            meta.dst_ip,
+            ecn,
+            data,
+            &mut self.response_buf,
+        ) {
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                if let Some(c) = self.conns.get_mut(&ch) {
+                    c.conn.handle_event(ev);
+                    self.dirty.insert(ch);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => self.incoming(now, incoming),
+            Some(DatagramEvent::Response(t)) => {
+                let buf = std::mem::take(&mut self.response_buf);
+                self.send(&t, &buf);
+                self.response_buf = buf;
+            }
+            None => {}
+        }
+    }
+
+    /// A short-header or Handshake packet whose destination CID names another worker.
+    fn misrouted(&self, pkt: &[u8]) -> bool {
+        if self.workers <= 1 || pkt.is_empty() {
+            return false;
+        }
+        let first = pkt[0];
+        let dcid0 = if first & 0x80 == 0 {
+            pkt.get(1)
+        } else if (first >> 4) & 0x3 == 0x2 {
+            pkt.get(6) // Handshake: the DCID is one of ours
+        } else {
+            return false; // Initial / 0-RTT carry a client-chosen DCID
+        };
+        dcid0.is_some_and(|b| WorkerCid::worker_of(*b, self.workers) != self.ctx.id)
+    }
+
+    fn incoming(&mut self, now: Instant, incoming: quinn_proto::Incoming) {
+        let h3 = &self.ctx.shared.config.http3;
+        let pending = self
+            .conns
+            .values()
+            .filter(|c| c.conn.is_handshaking())
+            .count();
+        self.response_buf.clear();
+        if self.conns.len() >= h3.max_connections_per_worker {
+            self.ctx
+                .stats
+                .handshake_failure(crate::metrics::HandshakeFailure::Refused);
+            let t = self.endpoint.refuse(incoming, &mut self.response_buf);
+            let buf = std::mem::take(&mut self.response_buf);
+            self.send(&t, &buf);
+            self.response_buf = buf;
+            return;
+        }
+        if pending >= h3.retry_threshold
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            if let Ok(t) = self.endpoint.retry(incoming, &mut self.response_buf) {
+                let buf = std::mem::take(&mut self.response_buf);
+                self.send(&t, &buf);
+                self.response_buf = buf;
+            }
+            return;
+        }
+        match self
+            .endpoint
+            .accept(incoming, now, &mut self.response_buf, None)
+        {
+            Ok((ch, conn)) => {
+                debug!(worker = self.ctx.id, remote = %conn.remote_address(), "QUIC connection accepted");
+                self.conns.insert(ch, H3Conn::new(conn, now));
+                self.dirty.insert(ch);
+            }
+            Err(e) => {
+                self.ctx
+                    .stats
+                    .handshake_failure(crate::metrics::HandshakeFailure::Tls);
+                debug!(worker = self.ctx.id, error = %e.cause, "QUIC connection not accepted");
+                if let Some(t) = e.response {
+                    let buf = std::mem::take(&mut self.response_buf);
+                    self.send(&t, &buf);
+                    self.response_buf = buf;
+                }
+            }
+        }
+    }
+
+    fn send(&self, t: &quinn_proto::Transmit, buf: &[u8]) {
+        let transmit = quinn_udp::Transmit {
+            destination: t.destination,
+            ecn: t
+                .ecn
+                .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+            contents: &buf[..t.size],
+            segment_size: t.segment_size,
+            src_ip: t.src_ip,
+        };
+        if let Err(e) = self.socket.try_send(&transmit) {
+            // A full socket buffer loses the packet like the network would; QUIC recovers it.
+            self.ctx.stats.quic_send_errors.inc();
+            debug!(worker = self.ctx.id, error = %e, "QUIC send failed");
+        }
+    }
+
+    /// Handles expired timers.
+    fn timeouts(&mut self, now: Instant) {
+        for (ch, c) in self.conns.iter_mut() {
+            if c.timeout.is_some_and(|t| t <= now) {
+                c.conn.handle_timeout(now);
+                self.dirty.insert(*ch);
+            }
+        }
+    }
+
+    /// Polls every dirty connection until it has nothing more to say.
+    fn drive_dirty(&mut self, now: Instant, this: &Shared) {
+        let max_gso = self.socket.max_gso_segments();
+        while let Some(&ch) = self.dirty.iter().next() {
+            self.dirty.remove(&ch);
+            let Some(mut c) = self.conns.remove(&ch) else {
+                continue;
+            };
+            loop {
+                // 1. transmit (GSO batches)
+                loop {
+                    self.send_buf.clear();
+                    match c.conn.poll_transmit(now, max_gso, &mut self.send_buf) {
+                        Some(t) => {
+                            let buf = std::mem::take(&mut self.send_buf);
+                            self.send(&t, &buf);
+                            self.send_buf = buf;
+                        }
+                        None => break,
+                    }
+                }
+                // 2. timer
+                c.timeout = c.conn.poll_timeout();
+                // 3. endpoint events
+                while let Some(ev) = c.conn.poll_endpoint_events() {
+                    if let Some(cev) = self.endpoint.handle_event(ch, ev) {
+                        c.conn.handle_event(cev);
+                    }
+                }
+                // 4. application events: the HTTP/3 session
+                if !c.process(ch, now, &self.ctx, this) {
+                    break;
+                }
+            }
+            if c.conn.is_drained() {
+                debug!(worker = self.ctx.id, "QUIC connection drained");
+                c.close_all_flows(&self.ctx);
+                self.ctx.stats.connection_closed(HttpVersion::Http3);
+            } else {
+                self.conns.insert(ch, c);
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        self.conns.values().filter_map(|c| c.timeout).min()
+    }
+}
+
+/// Runs the worker's QUIC side until shutdown.
+pub(crate) async fn run(
+    ctx: WorkerCtx,
+    socket: std::net::UdpSocket,
+    server: Arc<ServerConfig>,
+    workers: usize,
+) {
+    let socket = match QuicSocket::new(socket) {
+        Ok(s) => Rc::new(s),
+        Err(e) => {
+            warn!(worker = ctx.id, error = %e, "cannot register the QUIC socket");
+            return;
+        }
+    };
+    let buf_len = 65_536.max(1500 * socket.gro_segments());
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; buf_len]).collect();
+    let mut shutdown = ctx.shutdown.clone();
+    let driver: Shared = Rc::new(RefCell::new(QuicDriver::new(
+        ctx,
+        socket.clone(),
+        server,
+        workers,
+    )));
+    let wake = driver.borrow().wake.clone();
+    loop {
+        let deadline = driver.borrow().next_timeout();
+        let sleep = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            () = socket.readable() => {}
+            () = wake.notified() => {}
+            () = sleep => {}
+        }
+        let now = Instant::now();
+        let mut d = driver.borrow_mut();
+        d.recv(now, &mut bufs);
+        d.timeouts(now);
+        d.drive_dirty(now, &driver);
+    }
+    // Shutdown: close every connection with H3_NO_ERROR and send the CONNECTION_CLOSE.
+    let mut d = driver.borrow_mut();
+    let now = Instant::now();
+    let handles: Vec<ConnectionHandle> = d.conns.keys().copied().collect();
+    for ch in handles {
+        if let Some(c) = d.conns.get_mut(&ch) {
+            c.conn.close(
+                now,
+                VarInt::from_u64(crate::proto::h3::H3_NO_ERROR).unwrap_or(VarInt::from_u32(0)),
+                bytes::Bytes::new(),
+            );
+        }
+        d.touch(ch);
+    }
+    d.drive_dirty(now, &driver);
+}
