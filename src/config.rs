@@ -52,6 +52,9 @@ pub struct Config {
     pub flow_idle_timeout_secs: u64,
     /// Upper bound on resolving a target host name, in milliseconds. Default 5000.
     pub resolve_timeout_ms: u64,
+    /// On SIGTERM the relay drains: no new connections or requests, established flows go on
+    /// relaying for at most this many seconds, then it exits. Default 30.
+    pub drain_timeout_secs: u64,
     /// Time a client has to finish the TLS handshake and send its first request, in seconds.
     /// Default 10.
     pub handshake_timeout_secs: u64,
@@ -145,6 +148,7 @@ impl Default for Config {
             deny_targets: Vec::new(),
             flow_idle_timeout_secs: 120,
             resolve_timeout_ms: 5000,
+            drain_timeout_secs: 30,
             handshake_timeout_secs: 10,
             max_udp_payload: crate::proto::capsule::MAX_UDP_PAYLOAD,
             client_send_buffer: 256 * 1024,
@@ -197,6 +201,7 @@ pub struct Checked {
     pub flow_idle_timeout: Duration,
     pub resolve_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub drain_timeout: Duration,
     pub max_udp_payload: usize,
     pub client_send_buffer: usize,
     /// Where `/metrics` is served; `None` when `metrics = "off"`.
@@ -351,6 +356,7 @@ impl Config {
             flow_idle_timeout: Duration::from_secs(self.flow_idle_timeout_secs),
             resolve_timeout: Duration::from_millis(self.resolve_timeout_ms),
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             max_udp_payload: self.max_udp_payload,
             client_send_buffer: self.client_send_buffer,
             metrics,

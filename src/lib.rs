@@ -24,7 +24,7 @@ use config::{Checked, TlsSource};
 use metrics::WorkerStats;
 use relay::policy::TargetPolicy;
 use transport::tls::{Identity, TlsError};
-use worker::{Shared, WorkerCtx};
+use worker::{Phase, Shared, WorkerCtx};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,10 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Relay {
     local_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
+    live: watch::Sender<Arc<Shared>>,
+    metrics_stop: watch::Sender<bool>,
+    quic_keep: Vec<std::net::UdpSocket>,
     threads: Vec<JoinHandle<()>>,
     stats: Vec<Arc<WorkerStats>>,
     metrics: Option<metrics::MetricsServer>,
@@ -121,6 +124,16 @@ impl Relay {
         } else {
             None
         };
+        // Duplicates kept by the control thread, released in descending order at exit: see
+        // `Relay::shutdown`.
+        let quic_keep = quic_sockets
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| StartError::Listen {
+                addr: local_addr,
+                source,
+            })?;
         let mut quic_sockets = quic_sockets.into_iter();
         let policy = TargetPolicy::new(
             config.allow_targets.clone(),
@@ -136,17 +149,20 @@ impl Relay {
             config,
             policy,
             tls,
+            quic: quic.clone(),
             resolver,
         });
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (phase, phase_rx) = watch::channel(Phase::Run);
+        let (live, live_rx) = watch::channel(shared);
+        let (metrics_stop, metrics_stop_rx) = watch::channel(false);
         let mut threads = Vec::new();
         let mut stats = Vec::new();
         for (id, listener) in listeners.into_iter().enumerate() {
             let ctx = WorkerCtx {
                 id,
-                shared: shared.clone(),
+                live: live_rx.clone(),
                 stats: Arc::new(WorkerStats::default()),
-                shutdown: shutdown_rx.clone(),
+                phase: phase_rx.clone(),
             };
             stats.push(ctx.stats.clone());
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
@@ -160,13 +176,16 @@ impl Relay {
         let metrics = metrics_listener
             .map(|l| {
                 let registry = metrics::RelayCollector::registry(&stats);
-                metrics::MetricsServer::start(l, registry, shutdown_rx.clone())
+                metrics::MetricsServer::start(l, registry, metrics_stop_rx.clone())
             })
             .transpose()
             .map_err(StartError::Thread)?;
         Ok(Relay {
             local_addr,
-            shutdown,
+            phase,
+            live,
+            metrics_stop,
+            quic_keep,
             threads,
             stats,
             metrics,
@@ -196,11 +215,87 @@ impl Relay {
         self.identity_self_signed
     }
 
+    /// Starts the graceful drain: listeners close, HTTP/2 and HTTP/3 GOAWAY go out, new
+    /// requests are refused, established flows keep relaying. [`Relay::shutdown`] ends it.
+    pub fn drain(&self) {
+        info!("draining: no new connections or requests; established flows go on");
+        let _ = self.phase.send(Phase::Drain);
+    }
+
+    /// Flows open on all workers.
+    pub fn flows_open(&self) -> u64 {
+        self.stats.iter().map(|s| s.flows_open()).sum()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Checked {
+        self.live.borrow().config.clone()
+    }
+
+    /// Applies a new configuration to new connections and flows: certificates, target policy,
+    /// limits. Established flows keep what they started with. Settings that need new sockets or
+    /// threads (listen address, workers, HTTP/3 on or off, metrics address) are kept as they
+    /// are, with a warning. On error nothing changes.
+    pub fn reload(&self, mut config: Checked) -> Result<(), StartError> {
+        let old = self.live.borrow().clone();
+        let fixed = &old.config;
+        for (name, changed) in [
+            ("listen", config.listen != fixed.listen),
+            ("workers", config.workers != fixed.workers),
+            ("pin_workers", config.pin_workers != fixed.pin_workers),
+            ("http3.enabled", config.http3.enabled != fixed.http3.enabled),
+            ("metrics", config.metrics != fixed.metrics),
+        ] {
+            if changed {
+                tracing::warn!(
+                    field = name,
+                    "changing this needs a restart; keeping the running value"
+                );
+            }
+        }
+        config.listen = fixed.listen;
+        config.workers = fixed.workers;
+        config.pin_workers = fixed.pin_workers;
+        config.http3.enabled = fixed.http3.enabled;
+        config.metrics = fixed.metrics;
+        let identity = Identity::load(&config.tls)?;
+        let tls = transport::tls::tcp_server_config(&identity)?;
+        let quic = if config.http3.enabled {
+            Some(transport::quic::server_config(&identity, &config.http3)?)
+        } else {
+            None
+        };
+        let policy = TargetPolicy::new(
+            config.allow_targets.clone(),
+            config.deny_targets.clone(),
+            vec![self.local_addr],
+        );
+        let shared = Arc::new(Shared {
+            config,
+            policy,
+            tls,
+            quic,
+            resolver: old.resolver.clone(),
+        });
+        let _ = self.live.send(shared);
+        info!("configuration reloaded: new connections and flows use it");
+        Ok(())
+    }
+
     /// Stops every worker and waits for the threads to end. Open flows end their streams.
     pub fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        let _ = self.phase.send(Phase::Stop);
+        let _ = self.metrics_stop.send(true);
         for t in self.threads {
             let _ = t.join();
+        }
+        // Leave the QUIC reuseport group from the last socket to the first. The kernel fills a
+        // vacated slot with the group's last socket, so this order leaves a successor process's
+        // sockets (bound after ours, during a restart) in their worker order, which is what the
+        // CID steering program relies on.
+        let mut keep = self.quic_keep;
+        while let Some(s) = keep.pop() {
+            drop(s);
         }
         if let Some(m) = self.metrics {
             m.join();
@@ -233,7 +328,7 @@ impl Relay {
              reserved, own address) plus these rules"
         );
         match self.metrics_addr() {
-            Some(addr) => info!(%addr, "metrics served at http://{addr}/metrics"),
+            Some(addr) => info!("metrics served at http://{addr}/metrics"),
             None => info!("metrics endpoint off"),
         }
     }

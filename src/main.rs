@@ -69,6 +69,11 @@ struct Cli {
     #[arg(long, value_name = "ADDR:PORT|off")]
     metrics: Option<String>,
 
+    /// On SIGTERM, keep established flows relaying for at most this many seconds while
+    /// refusing new work, then exit. [default: 30]
+    #[arg(long, value_name = "SECS")]
+    drain_timeout: Option<u64>,
+
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `masque_relay=debug`.
     /// RUST_LOG is used when this is not given. [default: info]
     #[arg(long, value_name = "FILTER")]
@@ -76,13 +81,15 @@ struct Cli {
 }
 
 impl Cli {
-    fn into_config(self) -> Result<Config, masque_relay::config::ConfigError> {
+    /// The configuration file (if any) with the flags applied over it. Called again on
+    /// SIGHUP, so a reload re-reads the file and keeps the command line's overrides.
+    fn load(&self) -> Result<Config, masque_relay::config::ConfigError> {
         let mut cfg = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        if let Some(v) = self.listen {
-            cfg.listen = v;
+        if let Some(v) = &self.listen {
+            cfg.listen = v.clone();
         }
         if let Some(v) = self.workers {
             cfg.workers = v;
@@ -91,19 +98,22 @@ impl Cli {
             cfg.pin_workers = false;
         }
         if self.cert.is_some() {
-            cfg.cert = self.cert;
-            cfg.key = self.key;
+            cfg.cert = self.cert.clone();
+            cfg.key = self.key.clone();
         }
-        cfg.allow_targets.extend(self.allow_target);
-        cfg.deny_targets.extend(self.deny_target);
-        if let Some(v) = self.uri_template {
-            cfg.uri_template = v;
+        cfg.allow_targets.extend(self.allow_target.iter().cloned());
+        cfg.deny_targets.extend(self.deny_target.iter().cloned());
+        if let Some(v) = &self.uri_template {
+            cfg.uri_template = v.clone();
         }
         if let Some(v) = self.idle_timeout {
             cfg.flow_idle_timeout_secs = v;
         }
-        if let Some(v) = self.metrics {
-            cfg.metrics = v;
+        if let Some(v) = &self.metrics {
+            cfg.metrics = v.clone();
+        }
+        if let Some(v) = self.drain_timeout {
+            cfg.drain_timeout_secs = v;
         }
         Ok(cfg)
     }
@@ -125,7 +135,7 @@ fn init_logging(filter: Option<&str>) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref());
-    let checked = match cli.into_config().and_then(|c| c.validate()) {
+    let checked = match cli.load().and_then(|c| c.validate()) {
         Ok(c) => c,
         Err(e) => {
             error!("invalid configuration: {e}");
@@ -159,13 +169,24 @@ fn main() -> ExitCode {
     }
     check_kernel(&checked);
     notify_ready(&relay, &checked);
-    control.wait_for_stop();
-    info!("shutting down");
-    if let Err(e) = notify::stopping() {
-        warn!("cannot notify the service manager: {e}");
-    }
+    control.run(&cli, &relay);
     relay.shutdown();
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-reads the configuration; an invalid one is refused and the running one stays.
+fn reload(cli: &Cli, relay: &Relay) {
+    info!("SIGHUP received: reloading the configuration");
+    let _ = notify::reloading();
+    match cli.load().and_then(|c| c.validate()) {
+        Err(e) => error!("reload refused, the running configuration stays: {e}"),
+        Ok(checked) => {
+            if let Err(e) = relay.reload(checked) {
+                error!("reload refused, the running configuration stays: {e}");
+            }
+        }
+    }
+    let _ = notify::ready();
 }
 
 /// Raises the soft open-file limit to the hard one, then warns about every kernel setting below
@@ -205,6 +226,7 @@ struct Control {
     rt: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Control {
@@ -213,21 +235,51 @@ impl Control {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (term, int) = rt.block_on(async {
+        let (term, int, hup) = rt.block_on(async {
             Ok::<_, std::io::Error>((
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
             ))
         })?;
-        Ok(Self { rt, term, int })
+        Ok(Self { rt, term, int, hup })
     }
 
-    /// Blocks until SIGINT or SIGTERM.
-    fn wait_for_stop(mut self) {
+    /// Serves signals until the relay should exit: SIGHUP reloads the configuration; SIGTERM
+    /// or SIGINT start the graceful drain, which ends when the last flow closes, when the drain
+    /// timeout passes, or at a second SIGTERM/SIGINT.
+    fn run(mut self, cli: &Cli, relay: &Relay) {
         self.rt.block_on(async {
-            tokio::select! {
-                _ = self.term.recv() => info!("SIGTERM received"),
-                _ = self.int.recv() => info!("SIGINT received"),
+            loop {
+                tokio::select! {
+                    _ = self.hup.recv() => reload(cli, relay),
+                    _ = self.term.recv() => { info!("SIGTERM received"); break }
+                    _ = self.int.recv() => { info!("SIGINT received"); break }
+                }
+            }
+            if let Err(e) = notify::stopping() {
+                warn!("cannot notify the service manager: {e}");
+            }
+            let timeout = relay.config().drain_timeout;
+            relay.drain();
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+            loop {
+                let open = relay.flows_open();
+                if open == 0 {
+                    info!("drain complete: no flow left");
+                    break;
+                }
+                let _ = notify::status(&format!("draining, {open} flows open"));
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = tokio::time::sleep_until(deadline) => {
+                        info!(flows = open, "drain timeout reached; closing what is left");
+                        break;
+                    }
+                    _ = self.term.recv() => { info!("second signal: stopping now"); break }
+                    _ = self.int.recv() => { info!("second signal: stopping now"); break }
+                }
             }
         });
     }

@@ -75,8 +75,8 @@ pub enum CloseReason {
     Idle,
     /// The target socket reported an error (ICMP unreachable and the like).
     TargetError,
-    /// The relay is shutting down.
-    Shutdown,
+    /// The relay drained and stopped while the flow was open.
+    Drain,
 }
 
 impl CloseReason {
@@ -87,7 +87,7 @@ impl CloseReason {
         CloseReason::ClientProtocolError,
         CloseReason::Idle,
         CloseReason::TargetError,
-        CloseReason::Shutdown,
+        CloseReason::Drain,
     ];
 
     /// Label used in logs and metrics.
@@ -98,7 +98,7 @@ impl CloseReason {
             CloseReason::ClientProtocolError => "client_protocol_error",
             CloseReason::Idle => "idle",
             CloseReason::TargetError => "target_error",
-            CloseReason::Shutdown => "shutdown",
+            CloseReason::Drain => "drain",
         }
     }
 }

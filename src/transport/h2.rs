@@ -27,7 +27,8 @@ pub(crate) async fn serve<T>(ctx: WorkerCtx, io: T) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let h2cfg = &ctx.shared.config.http2;
+    let shared = ctx.shared();
+    let h2cfg = &shared.config.http2;
     let mut builder = h2::server::Builder::new();
     builder
         .enable_connect_protocol()
@@ -38,13 +39,26 @@ where
         .max_frame_size(h2cfg.max_frame_size)
         // Bounds what h2 buffers per stream for a client that does not read; beyond it, target
         // datagrams are dropped (see H2Send::try_send_datagram).
-        .max_send_buffer_size(ctx.shared.config.client_send_buffer)
+        .max_send_buffer_size(shared.config.client_send_buffer)
         // Rapid-reset style abuse: cap streams reset before the application saw them, and
         // streams the relay itself reset, per connection.
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(Some(256));
     let mut conn = builder.handshake::<_, Bytes>(io).await?;
-    while let Some(next) = conn.accept().await {
+    let mut phase = ctx.phase.clone();
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            () = crate::worker::reached(&mut phase, crate::worker::Phase::Drain), if !draining => {
+                // GOAWAY: h2 first announces the drain, then names the last stream it will
+                // process after a round trip; established streams go on.
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            next = conn.accept() => next,
+        };
+        let Some(next) = next else { break };
         let (req, respond) = next?;
         let ctx = ctx.clone();
         tokio::task::spawn_local(async move { handle_request(ctx, req, respond).await });
@@ -70,7 +84,16 @@ async fn handle_request(
         path: parts.uri.path_and_query().map(|p| p.as_str()),
         capsule_protocol,
     };
-    let target = check_request(&head, &ctx.shared.config.uri_template);
+    let target = if ctx.refusing() {
+        // Draining: a request that raced the GOAWAY is refused.
+        Err(crate::proto::connect_udp::Rejection::new(
+            503,
+            None,
+            "relay is draining",
+        ))
+    } else {
+        check_request(&head, &ctx.shared().config.uri_template)
+    };
     let opened = match target {
         Ok(t) => target::open(&ctx, &t).await,
         Err(r) => Err(r),

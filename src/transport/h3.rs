@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -110,10 +111,20 @@ pub(crate) struct H3Conn {
     /// Encoding arena for datagrams to the client.
     arena: BytesMut,
     closed: bool,
+    /// The configuration in force when the connection arrived.
+    live: Arc<crate::worker::Shared>,
+    /// The stream ID sent in our GOAWAY: requests on this stream or later are refused.
+    goaway: Option<u64>,
+    /// One past the highest request stream ID accepted so far.
+    next_request_id: u64,
 }
 
 impl H3Conn {
-    pub fn new(conn: quinn_proto::Connection, now: Instant) -> Self {
+    pub fn new(
+        conn: quinn_proto::Connection,
+        now: Instant,
+        live: Arc<crate::worker::Shared>,
+    ) -> Self {
         Self {
             conn,
             timeout: None,
@@ -129,6 +140,9 @@ impl H3Conn {
             held: VecDeque::new(),
             arena: BytesMut::new(),
             closed: false,
+            live,
+            goaway: None,
+            next_request_id: 0,
         }
     }
 
@@ -175,7 +189,7 @@ impl H3Conn {
                     ctx.stats
                         .handshake_seconds
                         .observe(now.saturating_duration_since(self.started));
-                    self.open_control(ctx);
+                    self.open_control();
                     self.accept_streams(ch, now, ctx, shared);
                 }
                 quinn_proto::Event::HandshakeDataReady => {}
@@ -223,11 +237,11 @@ impl H3Conn {
         any
     }
 
-    fn open_control(&mut self, ctx: &WorkerCtx) {
+    fn open_control(&mut self) {
         let Some(id) = self.conn.streams().open(Dir::Uni) else {
             return;
         };
-        let cfg = &ctx.shared.config.http3;
+        let cfg = &self.live.config.http3;
         let mut out = BytesMut::new();
         varint::write(h3::STREAM_CONTROL, &mut out);
         // The grease setting differs per connection (RFC 9114 §7.2.4.1), so peers cannot come
@@ -260,7 +274,23 @@ impl H3Conn {
             self.read_stream(ch, id, now, ctx, shared);
         }
         while let Some(id) = self.conn.streams().accept(Dir::Bi) {
-            let max = ctx.shared.config.http3.max_field_section_size;
+            let raw = u64::from(VarInt::from(id));
+            self.next_request_id = self.next_request_id.max(raw + 4);
+            if self.goaway.is_some_and(|g| raw >= g) {
+                // RFC 9114 §5.2: after GOAWAY, requests at or past its ID are rejected, and the
+                // client may retry them elsewhere.
+                ctx.stats.request(VERSION, 503);
+                let _ = self
+                    .conn
+                    .send_stream(id)
+                    .reset(varint_of(h3::H3_REQUEST_REJECTED));
+                let _ = self
+                    .conn
+                    .recv_stream(id)
+                    .stop(varint_of(h3::H3_REQUEST_REJECTED));
+                continue;
+            }
+            let max = self.live.config.http3.max_field_section_size;
             self.requests.insert(
                 id,
                 Request {
@@ -547,7 +577,7 @@ impl H3Conn {
         ctx: &WorkerCtx,
         shared: &Shared,
     ) -> Result<(), H3Error> {
-        let max = ctx.shared.config.http3.max_field_section_size;
+        let max = self.live.config.http3.max_field_section_size;
         let fields = match qpack::decode_field_section(block, max) {
             Ok(f) => f,
             Err(qpack::QpackError::TooLarge) => {
@@ -568,7 +598,16 @@ impl H3Conn {
         };
         let head = request::parse_request(&fields)?;
         let rh = head.as_connect_udp();
-        match check_request(&rh, &ctx.shared.config.uri_template) {
+        if ctx.refusing() {
+            self.respond(
+                id,
+                req,
+                &Rejection::new(503, None, "relay is draining"),
+                ctx,
+            );
+            return Ok(());
+        }
+        match check_request(&rh, &self.live.config.uri_template) {
             Err(r) => self.respond(id, req, &r, ctx),
             Ok(t) => {
                 req.state = ReqState::Opening;
@@ -778,6 +817,39 @@ impl H3Conn {
         }
     }
 
+    /// Starts the graceful drain of this connection: GOAWAY on the control stream naming the
+    /// first request that will not be processed.
+    pub fn goaway(&mut self) {
+        if self.goaway.is_some() || self.closed {
+            return;
+        }
+        let id = self.next_request_id;
+        self.goaway = Some(id);
+        if let Some((cid, out)) = &mut self.control {
+            frame::encode_goaway(id, out);
+            let cid = *cid;
+            self.flush(cid);
+        }
+    }
+
+    /// True when a draining connection has nothing left to relay and can be closed.
+    pub fn drained(&self) -> bool {
+        self.goaway.is_some()
+            && !self
+                .requests
+                .values()
+                .any(|r| matches!(r.state, ReqState::Opening | ReqState::Open(_)))
+    }
+
+    /// Closes the connection with H3_NO_ERROR (the end of a drain, or shutdown).
+    pub fn close_gracefully(&mut self, now: Instant) {
+        if !self.closed {
+            self.closed = true;
+            self.conn
+                .close(now, varint_of(h3::H3_NO_ERROR), Bytes::new());
+        }
+    }
+
     /// The connection is gone: every flow ends.
     pub fn close_all_flows(&mut self, ctx: &WorkerCtx) {
         for (_, mut req) in self.requests.drain() {
@@ -799,7 +871,7 @@ impl H3Conn {
             let req = self.requests.get_mut(&id).expect("checked above");
             let clen = capsule::datagram_header_len(0, payload.len()) + payload.len();
             let flen = frame::data_frame_header_len(clen as u64) + clen;
-            if req.out.len() + flen > ctx.shared.config.client_send_buffer {
+            if req.out.len() + flen > self.live.config.client_send_buffer {
                 ctx.stats.dropped(DropReason::ClientNotReading);
                 return false;
             }
@@ -949,7 +1021,7 @@ fn opened_target(
             ctx.stats.flows_opened.inc();
             debug!(target = %sock.target(), "h3 flow opened");
             let sock = Rc::new(sock);
-            let cfg = &ctx.shared.config;
+            let cfg = &c.live.config;
             let now = Instant::now();
             let flow = Flow::new(now, cfg.flow_idle_timeout, cfg.max_udp_payload);
             let reader =

@@ -141,7 +141,8 @@ where
 {
     let mut buf = BytesMut::with_capacity(4096);
     // The whole head must arrive within the handshake timeout (slowloris).
-    let deadline = tokio::time::Instant::now() + ctx.shared.config.handshake_timeout;
+    let shared = ctx.shared();
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     let head = loop {
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Err(_) => {
@@ -185,7 +186,12 @@ where
         path: Some(&head.path),
         capsule_protocol: head.capsule_protocol.as_deref(),
     };
-    let opened = match check_request(&req, &ctx.shared.config.uri_template) {
+    if ctx.refusing() {
+        // Draining: no new flows (RFC 9110 §15.6.4).
+        let r = Rejection::new(503, None, "relay is draining");
+        return refuse(&ctx, &mut io, &r).await;
+    }
+    let opened = match check_request(&req, &shared.config.uri_template) {
         Ok(t) => target::open(&ctx, &t).await,
         Err(r) => Err(r),
     };
@@ -214,7 +220,7 @@ where
     let send = H1Send {
         io: w,
         pending: BytesMut::new(),
-        limit: ctx.shared.config.client_send_buffer,
+        limit: shared.config.client_send_buffer,
     };
     tunnel::run(&ctx, VERSION, sock, recv, send, first).await;
     Ok(())

@@ -37,7 +37,7 @@ use super::h3::H3Conn;
 use crate::io::quic_socket::QuicSocket;
 use crate::proto::connect_udp::HttpVersion;
 use crate::transport::tls::{self, Identity, TlsError};
-use crate::worker::WorkerCtx;
+use crate::worker::{Phase, WorkerCtx};
 
 /// ALPN for HTTP/3.
 pub const ALPN_H3: &[u8] = b"h3";
@@ -154,6 +154,8 @@ pub(crate) struct QuicDriver {
     /// Wakes the driver task after another task touched a connection.
     pub wake: Rc<Notify>,
     workers: usize,
+    /// New connections are refused, and connections close once their flows are done.
+    draining: bool,
     send_buf: Vec<u8>,
     response_buf: Vec<u8>,
 }
@@ -187,6 +189,7 @@ impl QuicDriver {
             dirty: HashSet::new(),
             wake: Rc::new(Notify::new()),
             workers,
+            draining: false,
             send_buf: Vec::with_capacity(64 * 1024),
             response_buf: Vec::new(),
         }
@@ -279,14 +282,15 @@ impl QuicDriver {
     }
 
     fn incoming(&mut self, now: Instant, incoming: quinn_proto::Incoming) {
-        let h3 = &self.ctx.shared.config.http3;
+        let live = self.ctx.shared();
+        let h3 = &live.config.http3;
         let pending = self
             .conns
             .values()
             .filter(|c| c.conn.is_handshaking())
             .count();
         self.response_buf.clear();
-        if self.conns.len() >= h3.max_connections_per_worker {
+        if self.draining || self.conns.len() >= h3.max_connections_per_worker {
             self.ctx
                 .stats
                 .handshake_failure(crate::metrics::HandshakeFailure::Refused);
@@ -313,7 +317,7 @@ impl QuicDriver {
         {
             Ok((ch, conn)) => {
                 debug!(worker = self.ctx.id, remote = %conn.remote_address(), "QUIC connection accepted");
-                self.conns.insert(ch, H3Conn::new(conn, now));
+                self.conns.insert(ch, H3Conn::new(conn, now, live.clone()));
                 self.dirty.insert(ch);
             }
             Err(e) => {
@@ -387,7 +391,12 @@ impl QuicDriver {
                     }
                 }
                 // 4. application events: the HTTP/3 session
-                if !c.process(ch, now, &self.ctx, this) {
+                let more = c.process(ch, now, &self.ctx, this);
+                if self.draining && c.drained() {
+                    c.close_gracefully(now);
+                    continue;
+                }
+                if !more {
                     break;
                 }
             }
@@ -399,6 +408,19 @@ impl QuicDriver {
                 self.conns.insert(ch, c);
             }
         }
+    }
+
+    /// Graceful drain: GOAWAY on every connection; new connections are refused from now on.
+    fn begin_drain(&mut self) {
+        self.draining = true;
+        let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        for ch in handles {
+            if let Some(c) = self.conns.get_mut(&ch) {
+                c.goaway();
+            }
+            self.dirty.insert(ch);
+        }
+        self.wake.notify_one();
     }
 
     fn next_timeout(&self) -> Option<Instant> {
@@ -422,7 +444,8 @@ pub(crate) async fn run(
     };
     let buf_len = 65_536.max(1500 * socket.gro_segments());
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; buf_len]).collect();
-    let mut shutdown = ctx.shutdown.clone();
+    let mut phase = ctx.phase.clone();
+    let mut live = ctx.live.clone();
     let driver: Shared = Rc::new(RefCell::new(QuicDriver::new(
         ctx,
         socket.clone(),
@@ -430,6 +453,7 @@ pub(crate) async fn run(
         workers,
     )));
     let wake = driver.borrow().wake.clone();
+    let mut draining = false;
     loop {
         let deadline = driver.borrow().next_timeout();
         let sleep = async {
@@ -440,7 +464,24 @@ pub(crate) async fn run(
         };
         tokio::select! {
             biased;
-            _ = shutdown.changed() => break,
+            r = phase.changed() => {
+                let now_phase = if r.is_err() { Phase::Stop } else { *phase.borrow_and_update() };
+                match now_phase {
+                    Phase::Stop => break,
+                    Phase::Drain if !draining => {
+                        draining = true;
+                        driver.borrow_mut().begin_drain();
+                    }
+                    _ => {}
+                }
+            }
+            r = live.changed() => {
+                if r.is_ok() {
+                    // Reload: new connections get the new certificate and limits.
+                    let quic = live.borrow_and_update().quic.clone();
+                    driver.borrow_mut().endpoint.set_server_config(quic);
+                }
+            }
             () = socket.readable() => {}
             () = wake.notified() => {}
             () = sleep => {}

@@ -43,11 +43,12 @@ impl Resolve for SystemResolver {
 
 /// Resolves, checks and connects.
 pub(crate) async fn open(ctx: &WorkerCtx, target: &Target) -> Result<FlowSocket, Rejection> {
+    let shared = ctx.shared();
     let addrs: Vec<SocketAddr> = match &target.host {
         TargetHost::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         TargetHost::Name(name) => {
-            let lookup = ctx.shared.resolver.resolve(name, target.port);
-            match tokio::time::timeout(ctx.shared.config.resolve_timeout, lookup).await {
+            let lookup = shared.resolver.resolve(name, target.port);
+            match tokio::time::timeout(shared.config.resolve_timeout, lookup).await {
                 Err(_) => {
                     ctx.stats.resolve_failures.inc();
                     return Err(Rejection::new(
@@ -82,7 +83,7 @@ pub(crate) async fn open(ctx: &WorkerCtx, target: &Target) -> Result<FlowSocket,
     let mut denied = None;
     let mut last_err = None;
     for addr in addrs {
-        if let Err(reason) = ctx.shared.policy.check(addr) {
+        if let Err(reason) = shared.policy.check(addr) {
             debug!(%addr, reason = reason.as_str(), "target refused by policy");
             denied.get_or_insert(reason);
             continue;

@@ -76,12 +76,15 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     mut send: S,
     first_chunk: Option<Bytes>,
 ) -> CloseReason {
-    let cfg = &ctx.shared.config;
+    // The configuration in force when the flow opened stays with it (a reload does not move
+    // an established flow).
+    let shared = ctx.shared();
+    let cfg = &shared.config;
     let stats = &*ctx.stats;
     let opened = Instant::now();
     let mut flow = Flow::new(opened, cfg.flow_idle_timeout, cfg.max_udp_payload);
     let mut decoder = CapsuleDecoder::new(cfg.max_udp_payload);
-    let mut shutdown = ctx.shutdown.clone();
+    let mut phase = ctx.phase.clone();
     let mut idle = pin!(tokio::time::sleep_until(flow.poll_timeout().into()));
 
     let mut reason =
@@ -89,7 +92,7 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     while reason.is_none() {
         reason = tokio::select! {
             biased;
-            _ = shutdown.changed() => Some(CloseReason::Shutdown),
+            () = crate::worker::reached(&mut phase, crate::worker::Phase::Stop) => Some(CloseReason::Drain),
             chunk = recv.recv() => match chunk {
                 Ok(Some(chunk)) => {
                     let r = client_chunk(version, &mut flow, &mut decoder, &sock, ctx, &chunk);
@@ -123,7 +126,7 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     }
     let reason = reason.unwrap_or(CloseReason::ClientAbort);
     match reason {
-        CloseReason::ClientEnd | CloseReason::Idle | CloseReason::Shutdown => send.finish().await,
+        CloseReason::ClientEnd | CloseReason::Idle | CloseReason::Drain => send.finish().await,
         CloseReason::ClientProtocolError => send.abort(true),
         CloseReason::TargetError => send.abort(false),
         CloseReason::ClientAbort => {}

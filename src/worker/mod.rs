@@ -1,6 +1,9 @@
 //! Workers: one thread per core, each with its own single-threaded runtime, its own
 //! SO_REUSEPORT listener, and every connection, stream and flow it accepted. Nothing on the data
-//! path is shared between workers; the control thread only signals shutdown.
+//! path is shared between workers. The control thread talks to them through two watch
+//! channels: the [`Phase`] (run, drain, stop) and the live [`Shared`] state that a reload
+//! (SIGHUP) replaces. Connections read the live state when they start; flows keep what they
+//! started with, so a reload never disturbs an established flow.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -15,23 +18,66 @@ use crate::relay::policy::TargetPolicy;
 use crate::transport::target::Resolve;
 use crate::transport::{h2, http1, tls};
 
-/// Read-only state shared by all workers.
+/// State shared by all workers, replaced as a whole on reload.
 #[derive(Debug)]
 pub struct Shared {
     pub config: Checked,
     pub policy: TargetPolicy,
     pub tls: Arc<rustls::ServerConfig>,
+    /// The QUIC server configuration (certificate, transport limits), when HTTP/3 is on.
+    pub quic: Option<Arc<quinn_proto::ServerConfig>>,
     pub resolver: Arc<dyn Resolve>,
+}
+
+/// The relay's life cycle, as the workers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting connections and requests.
+    Run,
+    /// Graceful drain: listeners closed, GOAWAY sent, new requests refused, established flows
+    /// go on relaying.
+    Drain,
+    /// Everything ends now.
+    Stop,
 }
 
 /// What one worker's tasks have at hand.
 #[derive(Debug, Clone)]
 pub struct WorkerCtx {
     pub id: usize,
-    pub shared: Arc<Shared>,
+    /// The live shared state; see [`WorkerCtx::shared`].
+    pub live: watch::Receiver<Arc<Shared>>,
     pub stats: Arc<WorkerStats>,
-    /// Flips to true when the relay shuts down.
-    pub shutdown: watch::Receiver<bool>,
+    /// Run, drain or stop.
+    pub phase: watch::Receiver<Phase>,
+}
+
+impl WorkerCtx {
+    /// The shared state in force now. Callers keep the `Arc` for the life of what they start,
+    /// so a reload applies to new connections and flows only.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.live.borrow().clone()
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// True once the relay drains or stops: new requests are refused.
+    pub fn refusing(&self) -> bool {
+        self.phase() != Phase::Run
+    }
+}
+
+/// Waits until `phase` reaches at least `at` (or its sender is gone, which means stop).
+pub async fn reached(phase: &mut watch::Receiver<Phase>, at: Phase) {
+    let rank = |p: Phase| match p {
+        Phase::Run => 0,
+        Phase::Drain => 1,
+        Phase::Stop => 2,
+    };
+    let _ = phase.wait_for(|p| rank(*p) >= rank(at)).await;
 }
 
 /// Runs a worker on the current thread until shutdown: accepts TCP connections and serves them.
@@ -63,7 +109,7 @@ pub fn run(
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let quic = quic.map(|(server, socket)| {
-            let workers = ctx.shared.config.workers;
+            let workers = ctx.shared().config.workers;
             tokio::task::spawn_local(crate::transport::quic::run(
                 ctx.clone(),
                 socket,
@@ -71,10 +117,21 @@ pub fn run(
                 workers,
             ))
         });
+        let mut phase = ctx.phase.clone();
+        let stats = ctx.stats.clone();
+        // Returns when the relay drains; the listener closes with it, so the kernel sends new
+        // connections to any other process on the same port.
         accept_loop(ctx, listener).await;
+        // Established connections and flows go on (they are tasks of this LocalSet) until stop.
+        reached(&mut phase, Phase::Stop).await;
         // The QUIC side closes its connections (CONNECTION_CLOSE) before the runtime goes away.
         if let Some(q) = quic {
             let _ = q.await;
+        }
+        // Flows end their streams at stop; give them a moment to write that out.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(250);
+        while stats.flows_open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     });
 }
@@ -87,11 +144,10 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
             return;
         }
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.shared.tls.clone());
-    let mut shutdown = ctx.shutdown.clone();
+    let mut phase = ctx.phase.clone();
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = shutdown.changed() => break,
+            () = reached(&mut phase, Phase::Drain) => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -104,9 +160,11 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
         };
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
-        let acceptor = acceptor.clone();
         tokio::task::spawn_local(async move {
-            let timeout = ctx.shared.config.handshake_timeout;
+            let shared = ctx.shared();
+            // The certificate in force when the connection arrives (a reload swaps it).
+            let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
+            let timeout = shared.config.handshake_timeout;
             let started = std::time::Instant::now();
             let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
