@@ -71,6 +71,61 @@ pub struct Config {
     pub http2: Http2Config,
     /// HTTP/3 (QUIC) settings.
     pub http3: Http3Config,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// Abuse limits.
+    pub limits: LimitsConfig,
+}
+
+/// Client authentication. With neither field set, any client may use the relay (fine on
+/// loopback; the relay warns at start when it listens beyond it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Credentials file (hashed Bearer tokens and Basic users; see `masque-relay
+    /// hash-credential`). When set, every request needs a valid `Proxy-Authorization`, else
+    /// 407. Reloaded on SIGHUP. Default none.
+    pub credentials_file: Option<PathBuf>,
+    /// PEM file of CA certificates for client certificates (mTLS). When set, the TLS and QUIC
+    /// handshakes require a client certificate issued by one of them. Default none.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Limits on what clients may take. 0 means unlimited where noted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Flows open on the whole relay; beyond it requests get 503. 0 = unlimited. Default 100000.
+    pub max_flows: usize,
+    /// Flows open per authenticated identity; beyond it 429. 0 = unlimited. Default 10000.
+    pub max_flows_per_identity: usize,
+    /// Flows open per client connection; beyond it 429. Default 256.
+    pub max_flows_per_connection: usize,
+    /// New flows per second per connection (token bucket, burst of twice the rate); beyond it
+    /// 429. 0 = unlimited. Default 200.
+    pub new_flows_per_second: u32,
+    /// Datagrams per second per flow and direction (burst of a tenth of a second's worth, at
+    /// least 64); beyond it datagrams are dropped and counted. 0 = unlimited. Default 200000.
+    pub datagrams_per_second: u32,
+    /// TLS handshakes in progress per worker; more connections are closed at once.
+    /// Default 1024.
+    pub max_pending_handshakes: usize,
+    /// TCP connections per worker; more are closed at once. Default 20000.
+    pub max_connections_per_worker: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_flows: 100_000,
+            max_flows_per_identity: 10_000,
+            max_flows_per_connection: 256,
+            new_flows_per_second: 200,
+            datagrams_per_second: 200_000,
+            max_pending_handshakes: 1024,
+            max_connections_per_worker: 20_000,
+        }
+    }
 }
 
 /// HTTP/3 and QUIC settings. The QUIC listener uses the same address and port as `listen`.
@@ -155,6 +210,8 @@ impl Default for Config {
             metrics: DEFAULT_METRICS.to_owned(),
             http2: Http2Config::default(),
             http3: Http3Config::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -208,6 +265,8 @@ pub struct Checked {
     pub metrics: Option<SocketAddr>,
     pub http2: Http2Config,
     pub http3: Http3Config,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
 }
 
 /// Where the TLS certificate comes from.
@@ -323,6 +382,32 @@ impl Config {
                 return Err(bad(field, format!("{v} is outside 65535..=2147483647")));
             }
         }
+        for (field, path) in [
+            ("auth.credentials_file", &self.auth.credentials_file),
+            ("auth.client_ca", &self.auth.client_ca),
+        ] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    return Err(bad(
+                        field,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.max_flows_per_connection == 0 {
+            return Err(bad("limits.max_flows_per_connection", "must be at least 1"));
+        }
+        if l.max_pending_handshakes == 0 {
+            return Err(bad("limits.max_pending_handshakes", "must be at least 1"));
+        }
+        if l.max_connections_per_worker == 0 {
+            return Err(bad(
+                "limits.max_connections_per_worker",
+                "must be at least 1",
+            ));
+        }
         let h3 = &self.http3;
         if h3.max_concurrent_streams == 0 {
             return Err(bad("http3.max_concurrent_streams", "must be at least 1"));
@@ -362,6 +447,8 @@ impl Config {
             metrics,
             http2: self.http2.clone(),
             http3: self.http3.clone(),
+            auth: self.auth.clone(),
+            limits: self.limits.clone(),
         })
     }
 }

@@ -36,6 +36,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("auth.credentials_file {path}: {reason}")]
+    Credentials { path: String, reason: String },
     #[error("cannot start worker thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot serve metrics on {addr}: {source}")]
@@ -43,6 +45,60 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Everything a reload may replace, built from a configuration: certificates and TLS
+/// configurations, credentials, target policy. `own` is the relay's listening address once
+/// known. Returns whether the certificate was generated.
+fn live_state(
+    config: Checked,
+    own: Option<SocketAddr>,
+    resolver: Arc<dyn transport::target::Resolve>,
+    limiter: Arc<relay::limits::FlowLimiter>,
+) -> Result<(Shared, bool), StartError> {
+    let identity = Identity::load(&config.tls)?;
+    let client_ca = config.auth.client_ca.as_deref();
+    let tls = transport::tls::tcp_server_config(&identity, client_ca)?;
+    let quic = if config.http3.enabled {
+        Some(transport::quic::server_config(
+            &identity,
+            &config.http3,
+            client_ca,
+        )?)
+    } else {
+        None
+    };
+    let credentials = match &config.auth.credentials_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| StartError::Credentials {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let store = relay::auth::CredentialStore::parse(&text).map_err(|e| {
+                StartError::Credentials {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
+    let policy = TargetPolicy::new(
+        config.allow_targets.clone(),
+        config.deny_targets.clone(),
+        own.into_iter().collect(),
+    );
+    let shared = Shared {
+        config,
+        policy,
+        tls,
+        quic,
+        resolver,
+        credentials,
+        limiter,
+    };
+    Ok((shared, identity.self_signed))
 }
 
 /// A running relay.
@@ -71,8 +127,14 @@ impl Relay {
         config: Checked,
         resolver: Arc<dyn transport::target::Resolve>,
     ) -> Result<Relay, StartError> {
-        let identity = Identity::load(&config.tls)?;
-        let tls = transport::tls::tcp_server_config(&identity)?;
+        // Certificates, credentials and policy first: a bad file stops the start before any
+        // socket is bound. The policy's own address is filled in once the port is known.
+        let limiter = relay::limits::FlowLimiter::new(
+            config.limits.max_flows,
+            config.limits.max_flows_per_identity,
+        );
+        let (mut shared, self_signed) = live_state(config, None, resolver, limiter)?;
+        let config = shared.config.clone();
         // The first listener fixes the port (port 0 picks one); the others share it.
         let first = io::tcp::reuseport_listener(config.listen, 1024).map_err(|source| {
             StartError::Listen {
@@ -106,7 +168,7 @@ impl Relay {
         // One QUIC socket per worker on the same port (UDP), bound in worker order: the i-th
         // socket of the reuseport group is worker i, which the CID steering program relies on.
         let mut quic_sockets = Vec::new();
-        let quic = if config.http3.enabled {
+        if config.http3.enabled {
             let addr = local_addr;
             for _ in 0..config.workers {
                 let s = io::quic_socket::bind_reuseport(addr, config.http3.socket_buffer)
@@ -120,10 +182,8 @@ impl Relay {
                     tracing::warn!(error = %e, "cannot attach the QUIC steering program: clients that change address may lose their connection");
                 }
             }
-            Some(transport::quic::server_config(&identity, &config.http3)?)
-        } else {
-            None
-        };
+        }
+        let quic = shared.quic.clone();
         // Duplicates kept by the control thread, released in descending order at exit: see
         // `Relay::shutdown`.
         let quic_keep = quic_sockets
@@ -135,7 +195,7 @@ impl Relay {
                 source,
             })?;
         let mut quic_sockets = quic_sockets.into_iter();
-        let policy = TargetPolicy::new(
+        shared.policy = TargetPolicy::new(
             config.allow_targets.clone(),
             config.deny_targets.clone(),
             vec![local_addr],
@@ -145,13 +205,7 @@ impl Relay {
         } else {
             Vec::new()
         };
-        let shared = Arc::new(Shared {
-            config,
-            policy,
-            tls,
-            quic: quic.clone(),
-            resolver,
-        });
+        let shared = Arc::new(shared);
         let (phase, phase_rx) = watch::channel(Phase::Run);
         let (live, live_rx) = watch::channel(shared);
         let (metrics_stop, metrics_stop_rx) = watch::channel(false);
@@ -189,7 +243,7 @@ impl Relay {
             threads,
             stats,
             metrics,
-            identity_self_signed: identity.self_signed,
+            identity_self_signed: self_signed,
         })
     }
 
@@ -258,25 +312,18 @@ impl Relay {
         config.pin_workers = fixed.pin_workers;
         config.http3.enabled = fixed.http3.enabled;
         config.metrics = fixed.metrics;
-        let identity = Identity::load(&config.tls)?;
-        let tls = transport::tls::tcp_server_config(&identity)?;
-        let quic = if config.http3.enabled {
-            Some(transport::quic::server_config(&identity, &config.http3)?)
-        } else {
-            None
-        };
-        let policy = TargetPolicy::new(
-            config.allow_targets.clone(),
-            config.deny_targets.clone(),
-            vec![self.local_addr],
+        let caps = (
+            config.limits.max_flows,
+            config.limits.max_flows_per_identity,
         );
-        let shared = Arc::new(Shared {
+        let (shared, _) = live_state(
             config,
-            policy,
-            tls,
-            quic,
-            resolver: old.resolver.clone(),
-        });
+            Some(self.local_addr),
+            old.resolver.clone(),
+            old.limiter.clone(),
+        )?;
+        old.limiter.set_caps(caps.0, caps.1);
+        let shared = Arc::new(shared);
         let _ = self.live.send(shared);
         info!("configuration reloaded: new connections and flows use it");
         Ok(())

@@ -21,6 +21,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "masque-relay", version, about, long_about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// TOML configuration file; every field is documented in the README.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
@@ -80,6 +83,40 @@ struct Cli {
     log: Option<String>,
 }
 
+/// Subcommands besides running the relay.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a credentials-file line for a secret read from standard input (one line):
+    /// `token NAME` for a Bearer token, `basic USER` for a Basic password.
+    HashCredential {
+        #[arg(value_parser = ["token", "basic"])]
+        kind: String,
+        name: String,
+    },
+}
+
+/// `hash-credential`: reads the secret from stdin so it never shows in the process list.
+fn hash_credential(kind: &str, name: &str) -> ExitCode {
+    let mut secret = String::new();
+    if std::io::stdin().read_line(&mut secret).is_err() {
+        eprintln!("masque-relay: cannot read the secret from standard input");
+        return ExitCode::from(2);
+    }
+    let secret = secret.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() || name.is_empty() || name.contains(char::is_whitespace) {
+        eprintln!("masque-relay: need a non-empty secret on stdin and a name without spaces");
+        return ExitCode::from(2);
+    }
+    let line = if kind == "token" {
+        masque_relay::relay::auth::token_line(name, secret)
+    } else {
+        let salt: [u8; 16] = rand::random();
+        masque_relay::relay::auth::basic_line(name, secret, &salt)
+    };
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
 impl Cli {
     /// The configuration file (if any) with the flags applied over it. Called again on
     /// SIGHUP, so a reload re-reads the file and keeps the command line's overrides.
@@ -134,6 +171,9 @@ fn init_logging(filter: Option<&str>) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::HashCredential { kind, name }) = &cli.command {
+        return hash_credential(kind, name);
+    }
     init_logging(cli.log.as_deref());
     let checked = match cli.load().and_then(|c| c.validate()) {
         Ok(c) => c,
@@ -164,7 +204,10 @@ fn main() -> ExitCode {
     if relay.self_signed() {
         warn!("using a self-signed certificate generated at start: for local use only; set cert and key for anything else");
     }
-    if !checked.listen.ip().is_loopback() {
+    if !checked.listen.ip().is_loopback()
+        && checked.auth.credentials_file.is_none()
+        && checked.auth.client_ca.is_none()
+    {
         warn!(listen = %checked.listen, "listening beyond loopback without client authentication");
     }
     check_kernel(&checked);

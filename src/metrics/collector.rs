@@ -166,6 +166,12 @@ const H3_CONNECTION_ERRORS: Family = family(
     &["worker"],
     "HTTP/3 connection errors detected by the relay (each closes its connection).",
 );
+const H3_STREAM_ERRORS: Family = family(
+    "masque_relay_h3_stream_errors_total",
+    COUNTER,
+    &["worker"],
+    "HTTP/3 stream errors (malformed requests or messages); each resets its stream.",
+);
 const QUIC_MISROUTED: Family = family(
     "masque_relay_quic_misrouted_packets_total",
     COUNTER,
@@ -180,7 +186,7 @@ const QUIC_SEND_ERRORS: Family = family(
 );
 
 /// Every family the collector emits, in output order.
-pub const FAMILIES: [&Family; 22] = [
+pub const FAMILIES: [&Family; 23] = [
     &BUILD_INFO,
     &IO_BACKEND_INFO,
     &CONNECTIONS_ACCEPTED,
@@ -201,6 +207,7 @@ pub const FAMILIES: [&Family; 22] = [
     &TARGET_ERRORS,
     &CAPSULES_UNKNOWN,
     &H3_CONNECTION_ERRORS,
+    &H3_STREAM_ERRORS,
     &QUIC_MISROUTED,
     &QUIC_SEND_ERRORS,
 ];
@@ -509,6 +516,7 @@ impl Collector for RelayCollector {
                 (|s| &s.capsules_unknown) as fn(&WorkerStats) -> &Counter,
             ),
             (&H3_CONNECTION_ERRORS, |s| &s.h3_connection_errors),
+            (&H3_STREAM_ERRORS, |s| &s.h3_stream_errors),
             (&QUIC_MISROUTED, |s| &s.quic_misrouted),
             (&QUIC_SEND_ERRORS, |s| &s.quic_send_errors),
         ] {

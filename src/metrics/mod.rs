@@ -312,6 +312,8 @@ pub struct WorkerStats {
     pub capsules_unknown: Counter,
     /// HTTP/3 connection errors the relay detected (it then closes the connection).
     pub h3_connection_errors: Counter,
+    /// HTTP/3 stream errors (a malformed request or message): the stream is reset.
+    pub h3_stream_errors: Counter,
     /// QUIC packets that reached this worker but belong to another one's connection.
     pub quic_misrouted: Counter,
     /// QUIC packets the socket would not take (lost, as on the network; QUIC recovers).
@@ -343,6 +345,7 @@ impl Default for WorkerStats {
             resolve_failures: Counter::default(),
             capsules_unknown: Counter::default(),
             h3_connection_errors: Counter::default(),
+            h3_stream_errors: Counter::default(),
             quic_misrouted: Counter::default(),
             quic_send_errors: Counter::default(),
             handshake_seconds: Histogram::new(&HANDSHAKE_BUCKETS),

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use crate::proto::capsule::MAX_UDP_PAYLOAD;
+use crate::relay::limits::TokenBucket;
 
 /// What to do with an HTTP Datagram the client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,17 +37,20 @@ pub enum DropReason {
     NoFlow,
     /// An HTTP Datagram too short to carry a context ID.
     Malformed,
+    /// Over the flow's datagram rate (`limits.datagrams_per_second`).
+    RateLimit,
 }
 
 impl DropReason {
     /// All reasons, for metric label enumeration.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::UnknownContext,
         DropReason::TooLarge,
         DropReason::ClientNotReading,
         DropReason::TargetBusy,
         DropReason::NoFlow,
         DropReason::Malformed,
+        DropReason::RateLimit,
     ];
 
     /// Label used in logs and metrics.
@@ -58,6 +62,7 @@ impl DropReason {
             DropReason::TargetBusy => "target_busy",
             DropReason::NoFlow => "no_flow",
             DropReason::Malformed => "malformed",
+            DropReason::RateLimit => "rate_limit",
         }
     }
 }
@@ -121,6 +126,9 @@ pub struct Flow {
     last_activity: Instant,
     opened: Instant,
     counters: FlowCounters,
+    /// Datagram rate limits, client to target and target to client.
+    to_target_rate: TokenBucket,
+    to_client_rate: TokenBucket,
 }
 
 impl Flow {
@@ -132,7 +140,18 @@ impl Flow {
             last_activity: now,
             opened: now,
             counters: FlowCounters::default(),
+            to_target_rate: TokenBucket::new(0, 1, now),
+            to_client_rate: TokenBucket::new(0, 1, now),
         }
+    }
+
+    /// Limits each direction to `per_second` datagrams (0: unlimited), with a burst of a tenth
+    /// of a second's worth (at least 64).
+    pub fn with_rate_limit(mut self, per_second: u32, now: Instant) -> Self {
+        let burst = (per_second / 10).max(64);
+        self.to_target_rate = TokenBucket::new(per_second, burst, now);
+        self.to_client_rate = TokenBucket::new(per_second, burst, now);
+        self
     }
 
     /// Decides what to do with an HTTP Datagram from the client.
@@ -156,20 +175,31 @@ impl Flow {
         if payload_len > self.max_udp_payload as u64 {
             return self.drop(ClientDatagram::Drop(DropReason::TooLarge));
         }
+        if !self.to_target_rate.try_take(now) {
+            return self.drop(ClientDatagram::Drop(DropReason::RateLimit));
+        }
         self.last_activity = now;
         self.counters.to_target_datagrams += 1;
         self.counters.to_target_bytes += payload_len;
         ClientDatagram::Forward
     }
 
-    /// Records a datagram from the target; returns false when it must be dropped as too large.
-    pub fn on_target_datagram(&mut self, now: Instant, payload_len: usize) -> bool {
+    /// Records a datagram from the target; `Err` with the reason when it must be dropped.
+    pub fn on_target_datagram(
+        &mut self,
+        now: Instant,
+        payload_len: usize,
+    ) -> Result<(), DropReason> {
         if payload_len > self.max_udp_payload {
             self.counters.dropped += 1;
-            return false;
+            return Err(DropReason::TooLarge);
+        }
+        if !self.to_client_rate.try_take(now) {
+            self.counters.dropped += 1;
+            return Err(DropReason::RateLimit);
         }
         self.last_activity = now;
-        true
+        Ok(())
     }
 
     /// The target datagram reached the client's side of the tunnel.
@@ -266,8 +296,8 @@ mod tests {
             f.on_client_datagram(t0, 0, 1501),
             ClientDatagram::Drop(DropReason::TooLarge)
         );
-        assert!(f.on_target_datagram(t0, 1500));
-        assert!(!f.on_target_datagram(t0, 1501));
+        assert_eq!(f.on_target_datagram(t0, 1500), Ok(()));
+        assert_eq!(f.on_target_datagram(t0, 1501), Err(DropReason::TooLarge));
     }
 
     #[test]
@@ -288,13 +318,30 @@ mod tests {
         );
 
         let t2 = t1 + Duration::from_secs(100);
-        assert!(f.on_target_datagram(t2, 1));
+        assert_eq!(f.on_target_datagram(t2, 1), Ok(()));
         assert_eq!(
             f.handle_timeout(t1 + idle),
             None,
             "target traffic resets it too"
         );
         assert_eq!(f.handle_timeout(t2 + idle), Some(CloseReason::Idle));
+    }
+
+    #[test]
+    fn rate_limit_drops_beyond_the_burst_in_each_direction() {
+        let t0 = Instant::now();
+        let mut f = flow(t0).with_rate_limit(1000, t0);
+        let fwd = (0..200)
+            .filter(|_| f.on_client_datagram(t0, 0, 10) == ClientDatagram::Forward)
+            .count();
+        assert_eq!(fwd, 100, "burst of a tenth of a second");
+        let back = (0..200)
+            .filter(|_| f.on_target_datagram(t0, 10).is_ok())
+            .count();
+        assert_eq!(back, 100);
+        // A second later the buckets are full again.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(f.on_client_datagram(t1, 0, 10), ClientDatagram::Forward);
     }
 
     #[test]

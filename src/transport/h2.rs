@@ -14,6 +14,7 @@ use http::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::admit::{admit, ConnLimits};
 use super::target;
 use super::tunnel::{self, ClientGone, ClientRecv, ClientSend};
 use crate::proto::capsule;
@@ -23,7 +24,11 @@ use crate::worker::WorkerCtx;
 const VERSION: HttpVersion = HttpVersion::Http2;
 
 /// Serves one HTTP/2 connection (after TLS and ALPN `h2`) until it closes.
-pub(crate) async fn serve<T>(ctx: WorkerCtx, io: T) -> Result<(), h2::Error>
+pub(crate) async fn serve<T>(
+    ctx: WorkerCtx,
+    io: T,
+    limits: std::rc::Rc<ConnLimits>,
+) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -61,7 +66,8 @@ where
         let Some(next) = next else { break };
         let (req, respond) = next?;
         let ctx = ctx.clone();
-        tokio::task::spawn_local(async move { handle_request(ctx, req, respond).await });
+        let limits = limits.clone();
+        tokio::task::spawn_local(async move { handle_request(ctx, req, respond, limits).await });
     }
     Ok(())
 }
@@ -70,6 +76,7 @@ async fn handle_request(
     ctx: WorkerCtx,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    limits: std::rc::Rc<ConnLimits>,
 ) {
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
@@ -84,6 +91,12 @@ async fn handle_request(
         path: parts.uri.path_and_query().map(|p| p.as_str()),
         capsule_protocol,
     };
+    let shared = ctx.shared();
+    let proxy_authorization = parts
+        .headers
+        .get("proxy-authorization")
+        .map(|v| v.as_bytes());
+    let mut ticket = None;
     let target = if ctx.refusing() {
         // Draining: a request that raced the GOAWAY is refused.
         Err(crate::proto::connect_udp::Rejection::new(
@@ -92,7 +105,10 @@ async fn handle_request(
             "relay is draining",
         ))
     } else {
-        check_request(&head, &ctx.shared().config.uri_template)
+        admit(&shared, &limits, proxy_authorization).and_then(|t| {
+            ticket = Some(t);
+            check_request(&head, &shared.config.uri_template)
+        })
     };
     let opened = match target {
         Ok(t) => target::open(&ctx, &t).await,
@@ -129,13 +145,16 @@ async fn handle_request(
         stream: send,
         arena: BytesMut::new(),
     };
-    tunnel::run(&ctx, VERSION, sock, recv, send, None).await;
+    tunnel::run(&ctx, VERSION, sock, recv, send, None, ticket).await;
 }
 
 fn error_response(r: &Rejection) -> Response<()> {
     let mut b = Response::builder().status(r.status);
     if let Some(ps) = r.proxy_status() {
         b = b.header("proxy-status", ps);
+    }
+    if r.status == 407 {
+        b = b.header("proxy-authenticate", crate::relay::auth::CHALLENGE);
     }
     b.body(()).unwrap_or_else(|_| {
         let mut resp = Response::new(());

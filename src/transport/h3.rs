@@ -23,11 +23,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use quinn_proto::{ConnectionHandle, Dir, ReadError, StreamEvent, StreamId, VarInt, WriteError};
 use tracing::debug;
 
+use super::admit::{admit, ConnLimits, Ticket};
 use super::quic::Shared;
-use super::target;
-use crate::io::udp::{FlowSocket, Recv, Sent};
+use super::{target, tunnel};
+use crate::io::udp::{FlowSocket, Recv};
 use crate::metrics::Direction;
-use crate::proto::capsule::{self, CapsuleDecoder, Event as CapsuleEvent};
+use crate::proto::capsule::{self, CapsuleDecoder};
 use crate::proto::connect_udp::{check_request, HttpVersion, Rejection};
 use crate::proto::h3::frame::{self, Settings};
 use crate::proto::h3::stream::{
@@ -36,7 +37,7 @@ use crate::proto::h3::stream::{
 };
 use crate::proto::h3::{qpack, request, ErrorScope, H3Error};
 use crate::proto::{h3, varint};
-use crate::relay::flow::{ClientDatagram, CloseReason, DropReason, Flow};
+use crate::relay::flow::{CloseReason, DropReason, Flow};
 use crate::worker::WorkerCtx;
 
 const VERSION: HttpVersion = HttpVersion::Http3;
@@ -92,6 +93,8 @@ struct FlowEntry {
     capsules: bool,
     reader: tokio::task::JoinHandle<()>,
     opened: Instant,
+    /// The flow's admission slots, freed when the entry goes.
+    _ticket: Ticket,
 }
 
 /// One QUIC connection with its HTTP/3 state.
@@ -117,6 +120,8 @@ pub(crate) struct H3Conn {
     goaway: Option<u64>,
     /// One past the highest request stream ID accepted so far.
     next_request_id: u64,
+    /// Admission state, set when the handshake completes.
+    limits: Option<Rc<ConnLimits>>,
 }
 
 impl H3Conn {
@@ -143,6 +148,7 @@ impl H3Conn {
             live,
             goaway: None,
             next_request_id: 0,
+            limits: None,
         }
     }
 
@@ -189,6 +195,17 @@ impl H3Conn {
                     ctx.stats
                         .handshake_seconds
                         .observe(now.saturating_duration_since(self.started));
+                    // With mTLS the handshake proved who the client is.
+                    let tls_identity = self
+                        .conn
+                        .crypto_session()
+                        .peer_identity()
+                        .and_then(|any| {
+                            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                                .ok()
+                        })
+                        .and_then(|certs| certs.first().map(|c| super::tls::cert_identity(c)));
+                    self.limits = Some(ConnLimits::new(&self.live, tls_identity));
                     self.open_control();
                     self.accept_streams(ch, now, ctx, shared);
                 }
@@ -207,14 +224,7 @@ impl H3Conn {
                 quinn_proto::Event::Stream(StreamEvent::Stopped { id, .. }) => {
                     // The client no longer reads this stream: the flow cannot answer.
                     if let Some(mut r) = self.requests.remove(&id) {
-                        let _ = self
-                            .conn
-                            .send_stream(id)
-                            .reset(varint_of(h3::H3_REQUEST_CANCELLED));
-                        let _ = self
-                            .conn
-                            .recv_stream(id)
-                            .stop(varint_of(h3::H3_REQUEST_CANCELLED));
+                        self.abort_stream(id, h3::H3_REQUEST_CANCELLED);
                         end_flow(&mut r, CloseReason::ClientAbort, ctx);
                     }
                 }
@@ -280,14 +290,7 @@ impl H3Conn {
                 // RFC 9114 §5.2: after GOAWAY, requests at or past its ID are rejected, and the
                 // client may retry them elsewhere.
                 ctx.stats.request(VERSION, 503);
-                let _ = self
-                    .conn
-                    .send_stream(id)
-                    .reset(varint_of(h3::H3_REQUEST_REJECTED));
-                let _ = self
-                    .conn
-                    .recv_stream(id)
-                    .stop(varint_of(h3::H3_REQUEST_REJECTED));
+                self.abort_stream(id, h3::H3_REQUEST_REJECTED);
                 continue;
             }
             let max = self.live.config.http3.max_field_section_size;
@@ -481,7 +484,7 @@ impl H3Conn {
                 }
             }
             for data in capsule_bytes {
-                if let Some(r) = self.client_capsules(&mut req, &data, now, ctx) {
+                if let Some(r) = self.client_capsules(&mut req, &data, ctx) {
                     close = Some(r);
                     break;
                 }
@@ -515,14 +518,11 @@ impl H3Conn {
                     return;
                 }
                 ErrorScope::Stream => {
-                    if matches!(req.state, ReqState::Head) {
-                        // A malformed request: refuse it with 400 if the stream can still carry
-                        // a response, then reset (RFC 9114 §4.1.2).
-                        ctx.stats.request(VERSION, 400);
-                    }
+                    // A malformed request or message is a stream error (RFC 9114 §4.1.2): the
+                    // stream is reset with the error's code, the connection goes on.
+                    ctx.stats.h3_stream_errors.inc();
                     end_flow(&mut req, CloseReason::ClientProtocolError, ctx);
-                    let _ = self.conn.send_stream(id).reset(varint_of(e.code));
-                    let _ = self.conn.recv_stream(id).stop(varint_of(e.code));
+                    self.abort_stream(id, e.code);
                     return;
                 }
             }
@@ -537,14 +537,7 @@ impl H3Conn {
             }
             Some(CloseReason::ClientProtocolError) => {
                 end_flow(&mut req, CloseReason::ClientProtocolError, ctx);
-                let _ = self
-                    .conn
-                    .send_stream(id)
-                    .reset(varint_of(h3::H3_MESSAGE_ERROR));
-                let _ = self
-                    .conn
-                    .recv_stream(id)
-                    .stop(varint_of(h3::H3_MESSAGE_ERROR));
+                self.abort_stream(id, h3::H3_MESSAGE_ERROR);
             }
             Some(r) => {
                 // The client finished its side: end the flow and finish ours promptly.
@@ -607,16 +600,27 @@ impl H3Conn {
             );
             return Ok(());
         }
-        match check_request(&rh, &self.live.config.uri_template) {
+        let proxy_authorization = fields
+            .iter()
+            .find(|f| f.name == b"proxy-authorization")
+            .map(|f| f.value.as_slice());
+        let limits = self
+            .limits
+            .get_or_insert_with(|| ConnLimits::new(&self.live, None))
+            .clone();
+        let checked = admit(&self.live, &limits, proxy_authorization).and_then(|ticket| {
+            check_request(&rh, &self.live.config.uri_template).map(|t| (t, ticket))
+        });
+        match checked {
             Err(r) => self.respond(id, req, &r, ctx),
-            Ok(t) => {
+            Ok((t, ticket)) => {
                 req.state = ReqState::Opening;
                 let ctx2 = ctx.clone();
                 let shared = shared.clone();
                 let started = Instant::now();
                 tokio::task::spawn_local(async move {
                     let opened = target::open(&ctx2, &t).await;
-                    opened_target(&shared, ch, id, opened, started);
+                    opened_target(&shared, ch, id, opened.map(|s| (s, ticket)), started);
                 });
             }
         }
@@ -635,6 +639,9 @@ impl H3Conn {
         if let Some(ps) = ps.as_deref() {
             extra.push(("proxy-status", ps));
         }
+        if r.status == 407 {
+            extra.push(("proxy-authenticate", crate::relay::auth::CHALLENGE));
+        }
         let mut block = BytesMut::new();
         request::encode_response(r.status, &extra, &mut block);
         frame::encode_headers_frame(&block, &mut req.out);
@@ -648,7 +655,6 @@ impl H3Conn {
         &mut self,
         req: &mut Request,
         data: &[u8],
-        now: Instant,
         ctx: &WorkerCtx,
     ) -> Option<CloseReason> {
         let ReqState::Open(f) = &mut req.state else {
@@ -657,39 +663,16 @@ impl H3Conn {
             ctx.stats.dropped(DropReason::NoFlow);
             return None;
         };
+        // The client uses capsules: answer in kind.
         f.capsules = true;
-        let stats = &*ctx.stats;
-        let mut close = None;
-        let (flow, sock) = (&mut f.flow, &f.sock);
-        let res = f.decoder.decode(data, |ev| {
-            if close.is_some() {
-                return;
-            }
-            match ev {
-                CapsuleEvent::Datagram {
-                    context_id,
-                    payload,
-                } => {
-                    close = forward(flow, sock, context_id, payload, now, ctx);
-                }
-                CapsuleEvent::DatagramTooLarge {
-                    context_id,
-                    payload_len,
-                } => match flow.on_client_datagram(now, context_id, payload_len) {
-                    ClientDatagram::Abort => close = Some(CloseReason::ClientProtocolError),
-                    ClientDatagram::Drop(r) => stats.dropped(r),
-                    ClientDatagram::Forward => {
-                        flow.on_target_send_failed(payload_len as usize);
-                        stats.dropped(DropReason::TooLarge);
-                    }
-                },
-                CapsuleEvent::Unknown { .. } => stats.capsules_unknown.inc(),
-            }
-        });
-        if res.is_err() {
-            return Some(CloseReason::ClientProtocolError);
-        }
-        close
+        tunnel::client_capsules(
+            VERSION,
+            &mut f.flow,
+            &mut f.decoder,
+            &f.sock,
+            &ctx.stats,
+            data,
+        )
     }
 
     /// QUIC DATAGRAM frames from the client.
@@ -790,26 +773,8 @@ impl H3Conn {
         end_flow(req, reason, ctx);
         req.state = ReqState::Done;
         match reason {
-            CloseReason::TargetError => {
-                let _ = self
-                    .conn
-                    .send_stream(id)
-                    .reset(varint_of(h3::H3_CONNECT_ERROR));
-                let _ = self
-                    .conn
-                    .recv_stream(id)
-                    .stop(varint_of(h3::H3_CONNECT_ERROR));
-            }
-            CloseReason::ClientProtocolError => {
-                let _ = self
-                    .conn
-                    .send_stream(id)
-                    .reset(varint_of(h3::H3_MESSAGE_ERROR));
-                let _ = self
-                    .conn
-                    .recv_stream(id)
-                    .stop(varint_of(h3::H3_MESSAGE_ERROR));
-            }
+            CloseReason::TargetError => self.abort_stream(id, h3::H3_CONNECT_ERROR),
+            CloseReason::ClientProtocolError => self.abort_stream(id, h3::H3_MESSAGE_ERROR),
             _ => {
                 req.fin = true;
                 let _ = self.conn.recv_stream(id).stop(varint_of(h3::H3_NO_ERROR));
@@ -848,6 +813,12 @@ impl H3Conn {
             self.conn
                 .close(now, varint_of(h3::H3_NO_ERROR), Bytes::new());
         }
+    }
+
+    /// Aborts a request stream both ways (RESET_STREAM and STOP_SENDING) with `code`.
+    fn abort_stream(&mut self, id: StreamId, code: u64) {
+        let _ = self.conn.send_stream(id).reset(varint_of(code));
+        let _ = self.conn.recv_stream(id).stop(varint_of(code));
     }
 
     /// The connection is gone: every flow ends.
@@ -917,24 +888,7 @@ fn forward(
     now: Instant,
     ctx: &WorkerCtx,
 ) -> Option<CloseReason> {
-    let stats = &*ctx.stats;
-    match flow.on_client_datagram(now, context_id, payload.len() as u64) {
-        ClientDatagram::Forward => match sock.send(payload) {
-            Sent::Ok => stats.datagram(VERSION, Direction::ToTarget, payload.len()),
-            Sent::WouldBlock => {
-                flow.on_target_send_failed(payload.len());
-                stats.dropped(DropReason::TargetBusy);
-            }
-            Sent::TooLarge => {
-                flow.on_target_send_failed(payload.len());
-                stats.dropped(DropReason::TooLarge);
-            }
-            Sent::TargetError => return Some(CloseReason::TargetError),
-        },
-        ClientDatagram::Drop(r) => stats.dropped(r),
-        ClientDatagram::Abort => return Some(CloseReason::ClientProtocolError),
-    }
-    None
+    tunnel::forward_to_target(VERSION, flow, sock, context_id, payload, now, &ctx.stats)
 }
 
 /// Ends a request's flow, if it has one: stops its reader, closes its socket, counts it.
@@ -990,7 +944,7 @@ fn opened_target(
     shared: &Shared,
     ch: ConnectionHandle,
     id: StreamId,
-    opened: Result<FlowSocket, Rejection>,
+    opened: Result<(FlowSocket, Ticket), Rejection>,
     started: Instant,
 ) {
     let mut driver = shared.borrow_mut();
@@ -1013,17 +967,18 @@ fn opened_target(
             c.respond(id, &mut req, &r, &ctx);
             c.requests.insert(id, req);
         }
-        Ok(sock) => {
+        Ok((sock, ticket)) => {
             let mut block = BytesMut::new();
             request::encode_response(200, &[("capsule-protocol", "?1")], &mut block);
             frame::encode_headers_frame(&block, &mut req.out);
             ctx.stats.request(VERSION, 200);
             ctx.stats.flows_opened.inc();
-            debug!(target = %sock.target(), "h3 flow opened");
+            debug!(target = %sock.target(), identity = ?ticket.identity, "h3 flow opened");
             let sock = Rc::new(sock);
             let cfg = &c.live.config;
             let now = Instant::now();
-            let flow = Flow::new(now, cfg.flow_idle_timeout, cfg.max_udp_payload);
+            let flow = Flow::new(now, cfg.flow_idle_timeout, cfg.max_udp_payload)
+                .with_rate_limit(cfg.limits.datagrams_per_second, now);
             let reader =
                 tokio::task::spawn_local(flow_reader(shared.clone(), ch, id, sock.clone()));
             req.state = ReqState::Open(Box::new(FlowEntry {
@@ -1033,6 +988,7 @@ fn opened_target(
                 capsules: false,
                 reader,
                 opened: now,
+                _ticket: ticket,
             }));
             c.requests.insert(id, req);
             // Datagrams that came early.
@@ -1118,8 +1074,8 @@ async fn flow_reader(shared: Shared, ch: ConnectionHandle, id: StreamId, sock: R
                             }) => f.flow.on_target_datagram(now, n),
                             _ => return,
                         };
-                        if !ok {
-                            ctx.stats.dropped(DropReason::TooLarge);
+                        if let Err(r) = ok {
+                            ctx.stats.dropped(r);
                             continue;
                         }
                         if c.send_to_client(id, &buf[..n], &ctx) {

@@ -30,6 +30,7 @@ pub struct Head {
     pub connection_upgrade: bool,
     pub upgrade: Option<String>,
     pub capsule_protocol: Option<Vec<u8>>,
+    pub proxy_authorization: Option<Vec<u8>>,
     /// Bytes of the buffer the head took; what follows is already capsule data.
     pub len: usize,
 }
@@ -64,6 +65,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     let mut connection_upgrade = false;
     let mut upgrade: Option<String> = None;
     let mut capsule_protocol = None;
+    let mut proxy_authorization = None;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
@@ -89,6 +91,11 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
                 return Parsed::Error(400, "duplicate Capsule-Protocol");
             }
             capsule_protocol = Some(h.value.to_vec());
+        } else if name.eq_ignore_ascii_case("proxy-authorization") {
+            if proxy_authorization.is_some() {
+                return Parsed::Error(400, "duplicate Proxy-Authorization");
+            }
+            proxy_authorization = Some(h.value.to_vec());
         } else if name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case("transfer-encoding")
         {
@@ -113,6 +120,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
         connection_upgrade,
         upgrade,
         capsule_protocol,
+        proxy_authorization,
         len,
     })
 }
@@ -135,7 +143,11 @@ fn split_absolute_form(target: &str) -> Option<(&str, String)> {
 }
 
 /// Serves one HTTP/1.1 connection (after TLS): one upgrade, then the tunnel.
-pub(crate) async fn serve<T>(ctx: WorkerCtx, mut io: T) -> std::io::Result<()>
+pub(crate) async fn serve<T>(
+    ctx: WorkerCtx,
+    mut io: T,
+    limits: std::rc::Rc<super::admit::ConnLimits>,
+) -> std::io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -191,6 +203,10 @@ where
         let r = Rejection::new(503, None, "relay is draining");
         return refuse(&ctx, &mut io, &r).await;
     }
+    let ticket = match super::admit::admit(&shared, &limits, head.proxy_authorization.as_deref()) {
+        Ok(t) => t,
+        Err(r) => return refuse(&ctx, &mut io, &r).await,
+    };
     let opened = match check_request(&req, &shared.config.uri_template) {
         Ok(t) => target::open(&ctx, &t).await,
         Err(r) => Err(r),
@@ -222,7 +238,7 @@ where
         pending: BytesMut::new(),
         limit: shared.config.client_send_buffer,
     };
-    tunnel::run(&ctx, VERSION, sock, recv, send, first).await;
+    tunnel::run(&ctx, VERSION, sock, recv, send, first, Some(ticket)).await;
     Ok(())
 }
 
@@ -243,6 +259,12 @@ async fn refuse<T: AsyncWrite + Unpin>(
     }
     if r.status == 405 {
         resp.push_str("Allow: GET\r\n");
+    }
+    if r.status == 407 {
+        resp.push_str(&format!(
+            "Proxy-Authenticate: {}\r\n",
+            crate::relay::auth::CHALLENGE
+        ));
     }
     resp.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
     io.write_all(resp.as_bytes()).await?;

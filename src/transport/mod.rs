@@ -1,6 +1,7 @@
 //! Adapters between the client protocols and the relay: TLS, HTTP/2, HTTP/1.1, the shared flow
 //! loop, and opening target sockets. These do I/O through tokio and `crate::io`.
 
+pub mod admit;
 pub mod h2;
 pub mod h3;
 pub mod http1;

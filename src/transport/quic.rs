@@ -105,11 +105,9 @@ impl ConnectionIdGenerator for WorkerCid {
 pub fn server_config(
     id: &Identity,
     cfg: &crate::config::Http3Config,
+    client_ca: Option<&std::path::Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(tls::crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    let mut tls = tls::server_config_builder(id, client_ca, &[&rustls::version::TLS13])?;
     tls.alpn_protocols = vec![ALPN_H3.to_vec()];
     // 0-RTT stays off: an early CONNECT-UDP could be replayed (RFC 9298 §7, PROTOCOL.md).
     tls.max_early_data_size = 0;
@@ -129,7 +127,12 @@ pub fn server_config(
         // Advertises max_datagram_frame_size (RFC 9221) and bounds what waits each way.
         .datagram_receive_buffer_size(Some(cfg.datagram_buffer))
         .datagram_send_buffer_size(cfg.datagram_buffer)
-        .enable_segmentation_offload(true);
+        .enable_segmentation_offload(true)
+        // Explicit flow-control windows (SECURITY.md): what one stream and one connection may
+        // make the relay buffer. Request streams carry little besides headers and capsules.
+        .stream_receive_window(VarInt::from_u32(256 * 1024))
+        .receive_window(VarInt::from_u32(4 * 1024 * 1024))
+        .send_window(4 * 1024 * 1024);
     let mut server = ServerConfig::with_crypto(Arc::new(crypto));
     server
         .transport_config(Arc::new(transport))

@@ -91,12 +91,58 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// A verifier that requires client certificates issued by the CAs in `path` (mTLS).
+pub fn client_verifier(
+    path: &std::path::Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let shown = path.display().to_string();
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Cert {
+            path: shown.clone(),
+            source,
+        })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c)?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCert { path: shown });
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))
+}
+
+/// Builds a server config with the relay's certificate and, if `client_ca` is given, mTLS.
+pub fn server_config_builder(
+    id: &Identity,
+    client_ca: Option<&std::path::Path>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let b = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(versions)?;
+    let b = match client_ca {
+        Some(p) => b.with_client_cert_verifier(client_verifier(p)?),
+        None => b.with_no_client_auth(),
+    };
+    Ok(b.with_single_cert(id.chain.clone(), id.key.clone_key())?)
+}
+
+/// A short, stable name for a client certificate: `cert:` and the first 16 hex digits of its
+/// SHA-256.
+pub fn cert_identity(der: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("cert:{hex}")
+}
+
 /// The rustls server configuration for the TCP listener.
-pub fn tcp_server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+pub fn tcp_server_config(
+    id: &Identity,
+    client_ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut cfg = server_config_builder(id, client_ca, rustls::DEFAULT_VERSIONS)?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     // Session tickets make reconnecting clients cheap; rustls rotates the keys itself.
     cfg.send_tls13_tickets = 2;

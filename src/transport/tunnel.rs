@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use crate::io::udp::{FlowSocket, Recv, Sent};
-use crate::metrics::Direction;
+use crate::metrics::{Direction, WorkerStats};
 use crate::proto::capsule::{CapsuleDecoder, Event, MAX_UDP_PAYLOAD};
 use crate::proto::connect_udp::HttpVersion;
 use crate::relay::flow::{ClientDatagram, CloseReason, DropReason, Flow};
@@ -75,6 +75,8 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     mut recv: R,
     mut send: S,
     first_chunk: Option<Bytes>,
+    // Held for the flow's life: its slots in the connection, identity and relay caps.
+    ticket: Option<super::admit::Ticket>,
 ) -> CloseReason {
     // The configuration in force when the flow opened stays with it (a reload does not move
     // an established flow).
@@ -82,20 +84,21 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     let cfg = &shared.config;
     let stats = &*ctx.stats;
     let opened = Instant::now();
-    let mut flow = Flow::new(opened, cfg.flow_idle_timeout, cfg.max_udp_payload);
+    let mut flow = Flow::new(opened, cfg.flow_idle_timeout, cfg.max_udp_payload)
+        .with_rate_limit(cfg.limits.datagrams_per_second, opened);
     let mut decoder = CapsuleDecoder::new(cfg.max_udp_payload);
     let mut phase = ctx.phase.clone();
     let mut idle = pin!(tokio::time::sleep_until(flow.poll_timeout().into()));
 
-    let mut reason =
-        first_chunk.and_then(|c| client_chunk(version, &mut flow, &mut decoder, &sock, ctx, &c));
+    let mut reason = first_chunk
+        .and_then(|c| client_capsules(version, &mut flow, &mut decoder, &sock, stats, &c));
     while reason.is_none() {
         reason = tokio::select! {
             biased;
             () = crate::worker::reached(&mut phase, crate::worker::Phase::Stop) => Some(CloseReason::Drain),
             chunk = recv.recv() => match chunk {
                 Ok(Some(chunk)) => {
-                    let r = client_chunk(version, &mut flow, &mut decoder, &sock, ctx, &chunk);
+                    let r = client_capsules(version, &mut flow, &mut decoder, &sock, stats, &chunk);
                     recv.release(chunk.len());
                     r
                 }
@@ -139,6 +142,7 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
         to_target = c.to_target_datagrams,
         to_client = c.to_client_datagrams,
         dropped = c.dropped,
+        identity = ?ticket.as_ref().and_then(|t| t.identity.as_deref()),
         lifetime_ms = lifetime.as_millis() as u64,
         "flow closed"
     );
@@ -147,16 +151,47 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     reason
 }
 
-/// Handles one chunk of client bytes; returns a close reason if the flow must end.
-fn client_chunk(
+/// Sends one HTTP Datagram payload from the client to the target, as the flow decides;
+/// returns a close reason if the flow must end. Shared by every transport: QUIC DATAGRAM
+/// frames and capsules alike end up here.
+pub(crate) fn forward_to_target(
+    version: HttpVersion,
+    flow: &mut Flow,
+    sock: &FlowSocket,
+    context_id: u64,
+    payload: &[u8],
+    now: Instant,
+    stats: &WorkerStats,
+) -> Option<CloseReason> {
+    match flow.on_client_datagram(now, context_id, payload.len() as u64) {
+        ClientDatagram::Forward => match sock.send(payload) {
+            Sent::Ok => stats.datagram(version, Direction::ToTarget, payload.len()),
+            Sent::WouldBlock => {
+                flow.on_target_send_failed(payload.len());
+                stats.dropped(DropReason::TargetBusy);
+            }
+            Sent::TooLarge => {
+                flow.on_target_send_failed(payload.len());
+                stats.dropped(DropReason::TooLarge);
+            }
+            Sent::TargetError => return Some(CloseReason::TargetError),
+        },
+        ClientDatagram::Drop(r) => stats.dropped(r),
+        ClientDatagram::Abort => return Some(CloseReason::ClientProtocolError),
+    }
+    None
+}
+
+/// Decodes one chunk of a client's capsule stream and forwards its datagrams; returns a close
+/// reason if the flow must end (a malformed capsule, an oversize payload, a target error).
+pub(crate) fn client_capsules(
     version: HttpVersion,
     flow: &mut Flow,
     decoder: &mut CapsuleDecoder,
     sock: &FlowSocket,
-    ctx: &WorkerCtx,
+    stats: &WorkerStats,
     chunk: &[u8],
 ) -> Option<CloseReason> {
-    let stats = &*ctx.stats;
     let now = Instant::now();
     let mut close = None;
     let res = decoder.decode(chunk, |ev| {
@@ -167,22 +202,7 @@ fn client_chunk(
             Event::Datagram {
                 context_id,
                 payload,
-            } => match flow.on_client_datagram(now, context_id, payload.len() as u64) {
-                ClientDatagram::Forward => match sock.send(payload) {
-                    Sent::Ok => stats.datagram(version, Direction::ToTarget, payload.len()),
-                    Sent::WouldBlock => {
-                        flow.on_target_send_failed(payload.len());
-                        stats.dropped(DropReason::TargetBusy);
-                    }
-                    Sent::TooLarge => {
-                        flow.on_target_send_failed(payload.len());
-                        stats.dropped(DropReason::TooLarge);
-                    }
-                    Sent::TargetError => close = Some(CloseReason::TargetError),
-                },
-                ClientDatagram::Drop(r) => stats.dropped(r),
-                ClientDatagram::Abort => close = Some(CloseReason::ClientProtocolError),
-            },
+            } => close = forward_to_target(version, flow, sock, context_id, payload, now, stats),
             Event::DatagramTooLarge {
                 context_id,
                 payload_len,
@@ -226,8 +246,8 @@ fn target_ready<S: ClientSend>(
                     return Some(CloseReason::TargetError);
                 }
                 Some(Recv::Datagram(n)) => {
-                    if !flow.on_target_datagram(Instant::now(), n) {
-                        stats.dropped(DropReason::TooLarge);
+                    if let Err(r) = flow.on_target_datagram(Instant::now(), n) {
+                        stats.dropped(r);
                     } else if send.try_send_datagram(&buf[..n]) {
                         flow.on_sent_to_client(n);
                         stats.datagram(version, Direction::ToClient, n);

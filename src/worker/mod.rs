@@ -27,6 +27,10 @@ pub struct Shared {
     /// The QUIC server configuration (certificate, transport limits), when HTTP/3 is on.
     pub quic: Option<Arc<quinn_proto::ServerConfig>>,
     pub resolver: Arc<dyn Resolve>,
+    /// Accepted credentials, when `auth.credentials_file` is set.
+    pub credentials: Option<Arc<crate::relay::auth::CredentialStore>>,
+    /// Flow caps shared by all workers (kept across reloads, which only change the caps).
+    pub limiter: Arc<crate::relay::limits::FlowLimiter>,
 }
 
 /// The relay's life cycle, as the workers see it.
@@ -145,6 +149,10 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
         }
     };
     let mut phase = ctx.phase.clone();
+    // Per-worker counts of TLS handshakes in progress and of open connections: beyond the
+    // limits a new connection is closed at once instead of taking memory and file descriptors.
+    let handshaking = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    let open = std::rc::Rc::new(std::cell::Cell::new(0usize));
     loop {
         let (tcp, peer) = tokio::select! {
             () = reached(&mut phase, Phase::Drain) => break,
@@ -158,15 +166,29 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
                 }
             },
         };
+        let limits = ctx.shared().config.limits.clone();
+        if handshaking.get() >= limits.max_pending_handshakes
+            || open.get() >= limits.max_connections_per_worker
+        {
+            ctx.stats.handshake_failure(HandshakeFailure::Refused);
+            debug!(%peer, "connection refused: too many handshakes or connections");
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
+        let (handshaking, open) = (handshaking.clone(), open.clone());
         tokio::task::spawn_local(async move {
+            let _open = CountGuard::new(&open);
+            let in_handshake = CountGuard::new(&handshaking);
             let shared = ctx.shared();
             // The certificate in force when the connection arrives (a reload swaps it).
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
             let timeout = shared.config.handshake_timeout;
             let started = std::time::Instant::now();
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            let tls = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+            drop(in_handshake);
+            let tls = match tls {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     ctx.stats.handshake_failure(HandshakeFailure::Tls);
@@ -180,6 +202,14 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
                 }
             };
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
+            // With mTLS the handshake proved who the client is.
+            let tls_identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| tls::cert_identity(c));
+            let limits = crate::transport::admit::ConnLimits::new(&shared, tls_identity);
             let version = if is_h2 {
                 HttpVersion::Http2
             } else {
@@ -189,13 +219,13 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
             ctx.stats.connection_accepted(version);
             debug!(%peer, protocol = version.as_str(), "connection accepted");
             let (result, why) = if is_h2 {
-                match h2::serve(ctx.clone(), tls).await {
+                match h2::serve(ctx.clone(), tls, limits).await {
                     Ok(()) => (Ok(()), ConnectionClose::Normal),
                     Err(e) if e.is_io() => (Err(e.to_string()), ConnectionClose::IoError),
                     Err(e) => (Err(e.to_string()), ConnectionClose::ProtocolError),
                 }
             } else {
-                match http1::serve(ctx.clone(), tls).await {
+                match http1::serve(ctx.clone(), tls, limits).await {
                     Ok(()) => (Ok(()), ConnectionClose::Normal),
                     Err(e) => (Err(e.to_string()), ConnectionClose::IoError),
                 }
@@ -207,4 +237,20 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
         });
     }
     info!(worker = ctx.id, "worker stopped accepting");
+}
+
+/// Counts something in progress for as long as it lives.
+struct CountGuard(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl CountGuard {
+    fn new(c: &std::rc::Rc<std::cell::Cell<usize>>) -> Self {
+        c.set(c.get() + 1);
+        Self(c.clone())
+    }
+}
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
