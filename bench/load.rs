@@ -1,0 +1,568 @@
+//! What every client shares: the run's clock and phases, the load shape (which flow sends next),
+//! and the recorder that counts datagrams and round-trip times. No I/O: each client's event loop
+//! asks [`Load`] what to send and tells [`Recorder`] what happened.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::wire::{Header, Kind, HEADER_LEN};
+
+/// The phases of a run, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Flows are being opened; nothing is sent yet.
+    Setup,
+    /// Sending, not counted.
+    Warmup,
+    /// Sending and counted.
+    Measure,
+    /// Not sending; waiting for what is in flight.
+    Drain,
+    Done,
+}
+
+/// The run's clock: time zero, and when each phase starts once the load begins.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub epoch: Instant,
+    /// Set when the load starts (after the flows are open).
+    pub load_start: Option<Instant>,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub drain: Duration,
+}
+
+impl Clock {
+    pub fn new(warmup: Duration, duration: Duration, drain: Duration) -> Self {
+        Clock {
+            epoch: Instant::now(),
+            load_start: None,
+            warmup,
+            duration,
+            drain,
+        }
+    }
+
+    pub fn start_load(&mut self, now: Instant) {
+        self.load_start.get_or_insert(now);
+    }
+
+    pub fn measure_start(&self) -> Option<Instant> {
+        self.load_start.map(|t| t + self.warmup)
+    }
+
+    pub fn measure_end(&self) -> Option<Instant> {
+        self.measure_start().map(|t| t + self.duration)
+    }
+
+    pub fn phase(&self, now: Instant) -> Phase {
+        let Some(start) = self.load_start else {
+            return Phase::Setup;
+        };
+        let m = start + self.warmup;
+        let e = m + self.duration;
+        if now < m {
+            Phase::Warmup
+        } else if now < e {
+            Phase::Measure
+        } else if now < e + self.drain {
+            Phase::Drain
+        } else {
+            Phase::Done
+        }
+    }
+
+    /// Nanoseconds since the epoch, for send timestamps.
+    pub fn ns(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+/// How flows send.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Shape {
+    /// Closed loop: each flow keeps this many datagrams in flight (echo mode).
+    Closed { inflight: u32 },
+    /// Open loop: this many datagrams per second for the whole group, round-robin over flows.
+    Rate { per_sec: f64 },
+    /// As fast as the transport takes them (one-way mode without a rate).
+    Unlimited,
+}
+
+/// In closed loop, a flow that has heard nothing back for this long gets its credit back (the
+/// datagrams in flight are presumed lost), so loss cannot stall a flow for good.
+pub const STALL_TIMEOUT: Duration = Duration::from_millis(250);
+/// Tokens an open-loop group may bank, in seconds of its rate: a loop that falls behind loses
+/// the excess, and the offered rate it reports says so.
+const MAX_BANK_SECS: f64 = 0.01;
+
+#[derive(Debug, Clone, Copy)]
+struct FlowLoad {
+    open: bool,
+    credit: u32,
+    inflight: u32,
+    queued: bool,
+    last_rx: Instant,
+}
+
+/// The load of one group of flows (one connection, one socket): decides which flow sends next.
+#[derive(Debug)]
+pub struct Load {
+    shape: Shape,
+    flows: Vec<FlowLoad>,
+    /// Closed loop: flows with credit, each at most once.
+    ready: VecDeque<u32>,
+    /// Open loop: open flows, for round-robin.
+    open: Vec<u32>,
+    rr: usize,
+    tokens: f64,
+    last: Option<Instant>,
+    last_scan: Option<Instant>,
+}
+
+impl Load {
+    pub fn new(shape: Shape, flows: usize) -> Self {
+        let now = Instant::now();
+        Load {
+            shape,
+            flows: vec![
+                FlowLoad {
+                    open: false,
+                    credit: 0,
+                    inflight: 0,
+                    queued: false,
+                    last_rx: now,
+                };
+                flows
+            ],
+            ready: VecDeque::new(),
+            open: Vec::new(),
+            rr: 0,
+            tokens: 0.0,
+            last: None,
+            last_scan: None,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn open_flows(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The flow may now send.
+    pub fn open_flow(&mut self, i: usize, now: Instant) {
+        let f = &mut self.flows[i];
+        if f.open {
+            return;
+        }
+        f.open = true;
+        f.last_rx = now;
+        self.open.push(i as u32);
+        if let Shape::Closed { inflight } = self.shape {
+            f.credit = inflight;
+            if !f.queued {
+                f.queued = true;
+                self.ready.push_back(i as u32);
+            }
+        }
+    }
+
+    /// The flow can no longer send (its stream or connection ended).
+    pub fn close_flow(&mut self, i: usize) {
+        let Some(f) = self.flows.get_mut(i) else {
+            return;
+        };
+        if !f.open {
+            return;
+        }
+        f.open = false;
+        f.credit = 0;
+        f.inflight = 0;
+        self.open.retain(|&x| x as usize != i);
+    }
+
+    /// An echo (or anything) came back on flow `i`: in closed loop, one more may be sent.
+    pub fn on_reply(&mut self, i: usize, now: Instant) {
+        let Some(f) = self.flows.get_mut(i) else {
+            return;
+        };
+        f.last_rx = now;
+        if let Shape::Closed { .. } = self.shape {
+            if f.open && f.inflight > 0 {
+                f.inflight -= 1;
+                f.credit += 1;
+                if !f.queued {
+                    f.queued = true;
+                    self.ready.push_back(i as u32);
+                }
+            }
+        }
+    }
+
+    /// Offers up to `budget` sends, in order, to `send(flow)`, which returns false when the
+    /// transport takes no more now (the flow keeps its turn). Returns how many were sent.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        budget: usize,
+        mut send: impl FnMut(usize) -> bool,
+    ) -> usize {
+        let mut sent = 0;
+        match self.shape {
+            Shape::Closed { .. } => {
+                self.recover_stalled(now);
+                while sent < budget {
+                    let Some(&i) = self.ready.front() else { break };
+                    if !self.flows[i as usize].open {
+                        self.flows[i as usize].queued = false;
+                        self.ready.pop_front();
+                        continue;
+                    }
+                    if !send(i as usize) {
+                        break;
+                    }
+                    sent += 1;
+                    let f = &mut self.flows[i as usize];
+                    f.credit -= 1;
+                    if f.inflight == 0 {
+                        // The stall clock runs from the first datagram in flight.
+                        f.last_rx = now;
+                    }
+                    f.inflight += 1;
+                    if f.credit == 0 {
+                        f.queued = false;
+                        self.ready.pop_front();
+                    }
+                }
+            }
+            Shape::Rate { per_sec } => {
+                if self.open.is_empty() {
+                    self.last = Some(now);
+                    return 0;
+                }
+                let last = *self.last.get_or_insert(now);
+                let dt = now.saturating_duration_since(last).as_secs_f64();
+                self.last = Some(now);
+                let cap = (per_sec * MAX_BANK_SECS).max(1.0);
+                self.tokens = (self.tokens + per_sec * dt).min(cap);
+                while sent < budget && self.tokens >= 1.0 {
+                    let i = self.open[self.rr % self.open.len()] as usize;
+                    if !send(i) {
+                        break;
+                    }
+                    self.rr = self.rr.wrapping_add(1);
+                    self.tokens -= 1.0;
+                    sent += 1;
+                }
+            }
+            Shape::Unlimited => {
+                while sent < budget && !self.open.is_empty() {
+                    let i = self.open[self.rr % self.open.len()] as usize;
+                    if !send(i) {
+                        break;
+                    }
+                    self.rr = self.rr.wrapping_add(1);
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    }
+
+    /// When the group next has something to send, if it is waiting on time alone.
+    pub fn next_send(&self, now: Instant) -> Option<Instant> {
+        match self.shape {
+            Shape::Rate { per_sec } if !self.open.is_empty() && per_sec > 0.0 => {
+                let need = (1.0 - self.tokens).max(0.0) / per_sec;
+                // At least 100 us apart: sends are batched rather than paced one by one.
+                Some(now + Duration::from_secs_f64(need).max(Duration::from_micros(100)))
+            }
+            Shape::Closed { .. } if self.flows.iter().any(|f| f.inflight > 0) => {
+                Some(now + STALL_TIMEOUT / 4)
+            }
+            Shape::Unlimited if !self.open.is_empty() => Some(now),
+            _ => None,
+        }
+    }
+
+    /// True when something can be sent right now without waiting for a reply or time.
+    pub fn has_ready(&self) -> bool {
+        match self.shape {
+            Shape::Closed { .. } => !self.ready.is_empty(),
+            Shape::Rate { .. } => !self.open.is_empty() && self.tokens >= 1.0,
+            Shape::Unlimited => !self.open.is_empty(),
+        }
+    }
+
+    fn recover_stalled(&mut self, now: Instant) {
+        if self
+            .last_scan
+            .is_some_and(|t| now.saturating_duration_since(t) < STALL_TIMEOUT / 4)
+        {
+            return;
+        }
+        self.last_scan = Some(now);
+        for (i, f) in self.flows.iter_mut().enumerate() {
+            if f.inflight > 0 && now.saturating_duration_since(f.last_rx) >= STALL_TIMEOUT {
+                f.credit += f.inflight;
+                f.inflight = 0;
+                if !f.queued {
+                    f.queued = true;
+                    self.ready.push_back(i as u32);
+                }
+            }
+        }
+    }
+}
+
+/// Counts and round-trip times of one run, on the client side.
+#[derive(Debug)]
+pub struct Recorder {
+    pub clock: Clock,
+    pub tag: u32,
+    pub kind: Kind,
+    pub size: usize,
+    /// Measured datagrams handed to the transport, and their payload bytes.
+    pub sent: u64,
+    pub sent_bytes: u64,
+    /// Measured datagrams that came back (echo), and their bytes.
+    pub received: u64,
+    pub received_bytes: u64,
+    /// All datagrams sent and received, warm-up included (for the progress line).
+    pub sent_all: u64,
+    pub received_all: u64,
+    /// Sends the transport refused (its buffer or flow-control window was full).
+    pub blocked: u64,
+    /// Payloads that came back but were not ours, or not of this run.
+    pub foreign: u64,
+    /// Round-trip times in nanoseconds (measured datagrams only).
+    pub rtt: Histogram<u64>,
+    seq: u32,
+}
+
+impl Recorder {
+    pub fn new(clock: Clock, tag: u32, kind: Kind, size: usize) -> Self {
+        Recorder {
+            clock,
+            tag,
+            kind,
+            size: size.max(HEADER_LEN),
+            sent: 0,
+            sent_bytes: 0,
+            received: 0,
+            received_bytes: 0,
+            sent_all: 0,
+            received_all: 0,
+            blocked: 0,
+            foreign: 0,
+            rtt: new_histogram(),
+            seq: 0,
+        }
+    }
+
+    /// True while sending is allowed.
+    pub fn sending(&self, now: Instant) -> bool {
+        matches!(self.clock.phase(now), Phase::Warmup | Phase::Measure)
+    }
+
+    /// Writes a payload for `flow` into `buf` (exactly `self.size` bytes) and counts it as sent.
+    /// The caller calls [`Recorder::unsend`] if the transport then refuses it.
+    pub fn fill(&mut self, now: Instant, flow: u32, buf: &mut [u8]) {
+        let measured = self.clock.phase(now) == Phase::Measure;
+        self.seq = self.seq.wrapping_add(1);
+        Header {
+            kind: self.kind,
+            measured,
+            tag: self.tag,
+            flow,
+            seq: self.seq,
+            sent_ns: self.clock.ns(now),
+        }
+        .write(buf);
+        self.sent_all += 1;
+        if measured {
+            self.sent += 1;
+            self.sent_bytes += buf.len() as u64;
+        }
+    }
+
+    /// A payload built by [`Recorder::fill`] was not taken by the transport.
+    pub fn unsend(&mut self, buf: &[u8]) {
+        self.blocked += 1;
+        self.sent_all -= 1;
+        if Header::read(buf).is_some_and(|h| h.measured) {
+            self.sent -= 1;
+            self.sent_bytes -= buf.len() as u64;
+        }
+    }
+
+    /// A payload came back; returns its flow if it is one of ours.
+    pub fn on_receive(&mut self, now: Instant, payload: &[u8]) -> Option<u32> {
+        let h = match Header::read(payload) {
+            Some(h) if h.tag == self.tag && h.kind == Kind::Echo => h,
+            _ => {
+                self.foreign += 1;
+                return None;
+            }
+        };
+        if self.clock.phase(now) == Phase::Done {
+            return Some(h.flow);
+        }
+        self.received_all += 1;
+        if h.measured {
+            self.received += 1;
+            self.received_bytes += payload.len() as u64;
+            let rtt = self.clock.ns(now).saturating_sub(h.sent_ns).max(1);
+            let _ = self.rtt.record(rtt);
+        }
+        Some(h.flow)
+    }
+
+    /// Adds another recorder's counts (clients with several threads).
+    pub fn merge(&mut self, o: &Recorder) {
+        self.sent += o.sent;
+        self.sent_bytes += o.sent_bytes;
+        self.received += o.received;
+        self.received_bytes += o.received_bytes;
+        self.sent_all += o.sent_all;
+        self.received_all += o.received_all;
+        self.blocked += o.blocked;
+        self.foreign += o.foreign;
+        let _ = self.rtt.add(&o.rtt);
+    }
+}
+
+/// A histogram for nanoseconds from 1 ns to 60 s, three significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock_in_measure() -> (Clock, Instant) {
+        let mut c = Clock::new(
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+            Duration::ZERO,
+        );
+        let t0 = c.epoch;
+        c.start_load(t0);
+        (c, t0 + Duration::from_secs(2))
+    }
+
+    #[test]
+    fn phases_follow_the_clock() {
+        let mut c = Clock::new(
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        );
+        let t0 = c.epoch;
+        assert_eq!(c.phase(t0), Phase::Setup);
+        c.start_load(t0);
+        assert_eq!(c.phase(t0), Phase::Warmup);
+        assert_eq!(c.phase(t0 + Duration::from_millis(1500)), Phase::Measure);
+        assert_eq!(c.phase(t0 + Duration::from_millis(3500)), Phase::Drain);
+        assert_eq!(c.phase(t0 + Duration::from_secs(5)), Phase::Done);
+    }
+
+    #[test]
+    fn closed_loop_keeps_k_in_flight() {
+        let now = Instant::now();
+        let mut l = Load::new(Shape::Closed { inflight: 3 }, 2);
+        l.open_flow(0, now);
+        l.open_flow(1, now);
+        let mut sent = Vec::new();
+        assert_eq!(
+            l.poll(now, 100, |f| {
+                sent.push(f);
+                true
+            }),
+            6
+        );
+        assert_eq!(sent, vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(l.poll(now, 100, |_| true), 0);
+        l.on_reply(1, now);
+        let mut sent = Vec::new();
+        l.poll(now, 100, |f| {
+            sent.push(f);
+            true
+        });
+        assert_eq!(sent, vec![1]);
+        // A refusing transport keeps the credit.
+        l.on_reply(0, now);
+        assert_eq!(l.poll(now, 100, |_| false), 0);
+        assert!(l.has_ready());
+    }
+
+    #[test]
+    fn a_closed_flow_no_longer_sends() {
+        let now = Instant::now();
+        let mut l = Load::new(Shape::Closed { inflight: 1 }, 2);
+        l.open_flow(0, now);
+        l.open_flow(1, now);
+        l.close_flow(0);
+        let mut sent = Vec::new();
+        l.poll(now, 10, |f| {
+            sent.push(f);
+            true
+        });
+        assert_eq!(sent, vec![1]);
+        assert_eq!(l.open_flows(), 1);
+    }
+
+    #[test]
+    fn closed_loop_recovers_from_loss() {
+        let now = Instant::now();
+        let mut l = Load::new(Shape::Closed { inflight: 2 }, 1);
+        l.open_flow(0, now);
+        assert_eq!(l.poll(now, 10, |_| true), 2);
+        let later = now + STALL_TIMEOUT + Duration::from_millis(1);
+        assert_eq!(l.poll(later, 10, |_| true), 2);
+    }
+
+    #[test]
+    fn rate_is_spread_round_robin() {
+        let now = Instant::now();
+        let mut l = Load::new(Shape::Rate { per_sec: 1000.0 }, 3);
+        for i in 0..3 {
+            l.open_flow(i, now);
+        }
+        assert_eq!(l.poll(now, 100, |_| true), 0);
+        let mut sent = Vec::new();
+        // 6 ms at 1000/s: 6 tokens.
+        l.poll(now + Duration::from_millis(6), 100, |f| {
+            sent.push(f);
+            true
+        });
+        assert_eq!(sent, vec![0, 1, 2, 0, 1, 2]);
+        // Banked tokens are capped at 10 ms of rate.
+        assert_eq!(l.poll(now + Duration::from_secs(5), 100, |_| true), 10);
+    }
+
+    #[test]
+    fn recorder_counts_only_the_measured_window() {
+        let (clock, t) = clock_in_measure();
+        let mut r = Recorder::new(clock, 7, Kind::Echo, 64);
+        let mut buf = vec![0u8; 64];
+        // A warm-up datagram: sent, not measured.
+        r.fill(clock.epoch, 1, &mut buf);
+        let warm = buf.clone();
+        r.fill(t, 2, &mut buf);
+        assert_eq!((r.sent, r.sent_all), (1, 2));
+        assert_eq!(r.on_receive(t + Duration::from_micros(250), &buf), Some(2));
+        assert_eq!(r.on_receive(t, &warm), Some(1));
+        assert_eq!((r.received, r.received_all), (1, 2));
+        assert_eq!(r.rtt.len(), 1);
+        assert_eq!(r.rtt.max(), r.rtt.highest_equivalent(250_000));
+        r.unsend(&buf);
+        assert_eq!((r.sent, r.blocked), (0, 1));
+        // Someone else's payload.
+        assert_eq!(r.on_receive(t, b"hello"), None);
+        assert_eq!(r.foreign, 1);
+    }
+}

@@ -1,0 +1,527 @@
+//! The suite of BENCH.md ({h3, h2} x {64, 1200 B} x {1, 100, 10 000 flows} x {echo, one-way},
+//! baselines in the same repetition, three repetitions, medians with min-max in one Markdown
+//! table), and the flow-scale and setup-rate measurements.
+//!
+//! The relay is started fresh for every measured run (so its RSS and flow count belong to that
+//! run), pinned to `--relay-core`; the raw forwarder is pinned there too; the load generator and
+//! the target share `--client-core`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::report::{Ratios, RunReport};
+use crate::run::{Mode, Protocol};
+use crate::{spawn, target, BenchError, LoadArgs, RelayUnderTest};
+
+#[derive(Debug, clap::Args)]
+pub struct SuiteArgs {
+    /// The relay binary to measure.
+    #[arg(long, default_value = "target/release/masque-relay")]
+    relay_bin: PathBuf,
+    /// Shorter runs and fewer cells (1 and 100 flows), for a small box or a short session.
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Protocols measured.
+    #[arg(long, value_delimiter = ',', default_value = "h3,h2")]
+    protocols: Vec<Protocol>,
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    #[arg(long, value_delimiter = ',')]
+    flows: Option<Vec<usize>>,
+    #[arg(long, value_delimiter = ',', default_value = "echo,oneway")]
+    modes: Vec<Mode>,
+    /// Measured seconds per run (default 5, or 2 with --quick).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Warm-up seconds per run (default 1, or 0.5 with --quick).
+    #[arg(long)]
+    warmup: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    relay_core: usize,
+    #[arg(long, default_value_t = 1)]
+    client_core: usize,
+    /// Skip the direct and raw-forward baselines.
+    #[arg(long)]
+    no_baselines: bool,
+    /// Also write the Markdown table here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Every run of every repetition as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The LoadArgs of a suite cell.
+fn cell_args(
+    relay_core: usize,
+    client_core: usize,
+    protocol: Protocol,
+    size: usize,
+    flows: usize,
+    mode: Mode,
+    (warmup, duration): (f64, f64),
+) -> LoadArgs {
+    LoadArgs {
+        relay: "127.0.0.1:4433".parse().expect("literal"),
+        relay_bin: None,
+        relay_pid: None,
+        relay_metrics: None,
+        target: None,
+        protocol,
+        size,
+        flows,
+        connections: 0,
+        duration,
+        warmup,
+        rate: 0,
+        // Closed loop: 64 datagrams in flight in total for few flows, one per flow for many.
+        inflight: 64usize.div_ceil(flows).max(1) as u32,
+        mode,
+        insecure: true,
+        ca: None,
+        server_name: "localhost".into(),
+        uri_template: "/.well-known/masque/udp/{target_host}/{target_port}/".into(),
+        relay_core,
+        client_core,
+        setup_timeout: 60,
+        json: None,
+        quiet: true,
+    }
+}
+
+/// One run of the suite, with the repetition it belongs to.
+#[derive(Debug, Clone, Serialize)]
+struct SuiteRun {
+    rep: usize,
+    /// `h3`, `h2`, `direct` or `raw-forward`.
+    what: String,
+    report: RunReport,
+    /// Ratios to the baselines of the same repetition (relay runs only).
+    ratios: Option<Ratios>,
+}
+
+/// "median [min–max]" of the values, or "-".
+pub fn median_range(values: &[f64], fmt: impl Fn(f64) -> String) -> String {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    if n == 1 {
+        fmt(median)
+    } else {
+        format!("{} [{}–{}]", fmt(median), fmt(v[0]), fmt(v[n - 1]))
+    }
+}
+
+fn markdown(runs: &[SuiteRun], keys: &[(String, usize, usize, Mode)]) -> String {
+    let mut out = String::from(
+        "| run | size B | flows | mode | delivered to target /s | relay CPU ns/datagram | \
+         CPU vs raw-forward | RTT p50 us | RTT p99 us | added p99 vs direct us | loss |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (what, size, flows, mode) in keys {
+        let sel: Vec<&SuiteRun> = runs
+            .iter()
+            .filter(|r| {
+                &r.what == what
+                    && r.report.size == *size
+                    && r.report.flows == *flows
+                    && r.report.mode == mode.as_str()
+            })
+            .collect();
+        if sel.is_empty() {
+            continue;
+        }
+        let col = |f: &dyn Fn(&SuiteRun) -> Option<f64>| -> Vec<f64> {
+            sel.iter().filter_map(|r| f(r)).collect()
+        };
+        let rate = col(&|r| {
+            r.report
+                .to_target
+                .delivered_per_sec
+                .or(Some(r.report.to_target.offered_per_sec))
+        });
+        let cpu = col(&|r| r.report.relay.as_ref().and_then(|p| p.cpu_ns_per_datagram));
+        let ratio = col(&|r| r.ratios.as_ref().and_then(|x| x.cpu_vs_raw_forward));
+        let p50 = col(&|r| r.report.rtt.as_ref().map(|x| x.p50_us));
+        let p99 = col(&|r| r.report.rtt.as_ref().map(|x| x.p99_us));
+        let added = col(&|r| r.ratios.as_ref().and_then(|x| x.added_rtt_p99_us));
+        let loss = col(&|r| r.report.round_trip_loss.or(r.report.to_target.loss));
+        out.push_str(&format!(
+            "| {what} | {size} | {flows} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            mode.as_str(),
+            median_range(&rate, crate::report::si),
+            median_range(&cpu, |v| format!("{v:.0}")),
+            median_range(&ratio, |v| format!("{v:.2}")),
+            median_range(&p50, |v| format!("{v:.0}")),
+            median_range(&p99, |v| format!("{v:.0}")),
+            median_range(&added, |v| format!("{v:.0}")),
+            median_range(&loss, |v| format!("{:.2}%", v * 100.0)),
+        ));
+    }
+    out
+}
+
+pub fn suite(a: SuiteArgs) -> Result<(), BenchError> {
+    let sizes = a.sizes.clone().unwrap_or(vec![64, 1200]);
+    let flows = a.flows.clone().unwrap_or(if a.quick {
+        vec![1, 100]
+    } else {
+        vec![1, 100, 10_000]
+    });
+    let duration = a.duration.unwrap_or(if a.quick { 2.0 } else { 5.0 });
+    let warmup = a.warmup.unwrap_or(if a.quick { 0.5 } else { 1.0 });
+    spawn::raise_nofile(2 * flows.iter().copied().max().unwrap_or(1) as u64 + 4096);
+    let target =
+        target::TargetThread::start("127.0.0.1:0".parse().expect("literal"), Some(a.client_core))?;
+    crate::pin(Some(a.client_core));
+    let mut keys = Vec::new();
+    for &size in &sizes {
+        for &f in &flows {
+            for &mode in &a.modes {
+                for p in &a.protocols {
+                    keys.push((p.as_str().to_owned(), size, f, mode));
+                }
+                if !a.no_baselines {
+                    keys.push(("raw-forward".to_owned(), size, f, mode));
+                    keys.push(("direct".to_owned(), size, f, mode));
+                }
+            }
+        }
+    }
+    let cells = sizes.len() * flows.len() * a.modes.len();
+    let mut runs: Vec<SuiteRun> = Vec::new();
+    let mut n = 0;
+    for rep in 1..=a.reps {
+        for &size in &sizes {
+            for &f in &flows {
+                for &mode in &a.modes {
+                    n += 1;
+                    eprintln!(
+                        "suite: repetition {rep}/{}, cell {n}/{} ({size} B, {f} flows, {})",
+                        a.reps,
+                        cells * a.reps,
+                        mode.as_str()
+                    );
+                    let base = cell_args(
+                        a.relay_core,
+                        a.client_core,
+                        Protocol::Udp,
+                        size,
+                        f,
+                        mode,
+                        (warmup, duration),
+                    );
+                    let (mut direct, mut raw) = (None, None);
+                    if !a.no_baselines {
+                        let mut udp = base.clone();
+                        udp.connections = f.div_ceil(100).max(1);
+                        let label = format!("direct-{size}B-{f}f-{}", mode.as_str());
+                        match crate::run::run(udp.spec(
+                            &label,
+                            target.addr,
+                            target.addr,
+                            None,
+                            None,
+                        )) {
+                            Ok(r) => direct = Some(r),
+                            Err(e) => eprintln!("suite: {label}: {e}"),
+                        }
+                        let lifetime = Duration::from_secs_f64(warmup + duration + 90.0);
+                        let fwd =
+                            spawn::start_forwarder(target.addr, Some(a.relay_core), lifetime)?;
+                        let label = format!("raw-forward-{size}B-{f}f-{}", mode.as_str());
+                        match crate::run::run(udp.spec(
+                            &label,
+                            fwd.addr,
+                            target.addr,
+                            Some(fwd.pid()),
+                            None,
+                        )) {
+                            Ok(r) => raw = Some(r),
+                            Err(e) => eprintln!("suite: {label}: {e}"),
+                        }
+                    }
+                    for &p in &a.protocols {
+                        let mut args = base.clone();
+                        args.protocol = p;
+                        let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), &[])?;
+                        let relay = RelayUnderTest {
+                            addr: proc.addr,
+                            pid: Some(proc.pid()),
+                            metrics: proc.metrics,
+                            proc: None,
+                        };
+                        let label = format!("{}-{size}B-{f}f-{}", p.as_str(), mode.as_str());
+                        let r = crate::run::run(args.spec(
+                            &label,
+                            relay.addr,
+                            target.addr,
+                            relay.pid,
+                            relay.metrics,
+                        ));
+                        drop(proc);
+                        match r {
+                            Ok(r) => {
+                                let ratios = Ratios::compute(&r, direct.as_ref(), raw.as_ref());
+                                eprintln!(
+                                    "suite: {label}: {}/s delivered, relay {} ns/datagram, \
+                                     ratio to raw-forward {}",
+                                    crate::report::si(
+                                        r.to_target
+                                            .delivered_per_sec
+                                            .unwrap_or(r.to_target.offered_per_sec)
+                                    ),
+                                    r.relay
+                                        .as_ref()
+                                        .and_then(|p| p.cpu_ns_per_datagram)
+                                        .map_or("-".into(), |v| format!("{v:.0}")),
+                                    ratios
+                                        .cpu_vs_raw_forward
+                                        .map_or("-".into(), |v| format!("{v:.2}")),
+                                );
+                                runs.push(SuiteRun {
+                                    rep,
+                                    what: p.as_str().into(),
+                                    report: r,
+                                    ratios: Some(ratios),
+                                });
+                            }
+                            Err(e) => eprintln!("suite: {label}: {e}"),
+                        }
+                    }
+                    for (what, r) in [("direct", direct), ("raw-forward", raw)] {
+                        if let Some(report) = r {
+                            runs.push(SuiteRun {
+                                rep,
+                                what: what.into(),
+                                report,
+                                ratios: None,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        n = 0;
+    }
+    let table = markdown(&runs, &keys);
+    println!("{table}");
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, &table)?;
+    }
+    crate::write_json(&a.json, &serde_json::json!({ "runs": runs }))?;
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    #[arg(long, default_value = "target/release/masque-relay")]
+    relay_bin: PathBuf,
+    #[arg(long, value_enum, default_value = "h3")]
+    protocol: Protocol,
+    /// Flow counts to open, one fresh relay each.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    steps: Vec<usize>,
+    /// Flows per connection (the relay allows 256 by default).
+    #[arg(long, default_value_t = 250)]
+    per_connection: usize,
+    #[arg(long, default_value_t = 0)]
+    relay_core: usize,
+    #[arg(long, default_value_t = 1)]
+    client_core: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct ScaleStep {
+    flows_asked: usize,
+    flows_open: usize,
+    relay_flows_open: Option<u64>,
+    setup_seconds: f64,
+    rss_idle_kib: u64,
+    rss_kib: u64,
+    bytes_per_flow: Option<f64>,
+}
+
+pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
+    spawn::raise_nofile(2 * a.steps.iter().copied().max().unwrap_or(1) as u64 + 4096);
+    let target =
+        target::TargetThread::start("127.0.0.1:0".parse().expect("literal"), Some(a.client_core))?;
+    let mut steps = Vec::new();
+    for &flows in &a.steps {
+        let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), &[])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let idle = crate::procfs::sample(proc.pid()).map_or(0, |s| s.rss_kib);
+        let mut args = cell_args(
+            a.relay_core,
+            a.client_core,
+            a.protocol,
+            64,
+            flows,
+            Mode::Echo,
+            (0.0, 1.0),
+        );
+        args.quiet = false;
+        // Idle flows: one datagram per flow over the second, to show they all work.
+        args.rate = flows as u64;
+        args.connections = flows.div_ceil(a.per_connection.max(1));
+        args.setup_timeout = 300;
+        let label = format!("flow-scale-{flows}");
+        let r = crate::run::run(args.spec(
+            &label,
+            proc.addr,
+            target.addr,
+            Some(proc.pid()),
+            proc.metrics,
+        ));
+        drop(proc);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("flow-scale: {flows} flows: {e}");
+                continue;
+            }
+        };
+        let rss = r.relay.as_ref().map_or(0, |p| p.rss_kib);
+        let open = r.setup.flows_open;
+        let step = ScaleStep {
+            flows_asked: flows,
+            flows_open: open,
+            relay_flows_open: r.relay.as_ref().and_then(|p| p.flows_open),
+            setup_seconds: r.setup.seconds,
+            rss_idle_kib: idle,
+            rss_kib: rss,
+            bytes_per_flow: (open > 0)
+                .then(|| (rss.saturating_sub(idle)) as f64 * 1024.0 / open as f64),
+        };
+        eprintln!("flow-scale: {step:?}");
+        steps.push(step);
+    }
+    println!("| flows asked | flows open | relay flows | setup s | relay RSS idle MiB | relay RSS MiB | bytes per flow |");
+    println!("|---|---|---|---|---|---|---|");
+    for s in &steps {
+        println!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            s.flows_asked,
+            s.flows_open,
+            s.relay_flows_open.map_or("-".into(), |v| v.to_string()),
+            s.setup_seconds,
+            s.rss_idle_kib as f64 / 1024.0,
+            s.rss_kib as f64 / 1024.0,
+            s.bytes_per_flow.map_or("-".into(), |v| format!("{v:.0}")),
+        );
+    }
+    crate::write_json(&a.json, &serde_json::json!({ "steps": steps }))?;
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SetupArgs {
+    #[arg(long, default_value = "target/release/masque-relay")]
+    relay_bin: PathBuf,
+    #[arg(long, value_enum, default_value = "h3")]
+    protocol: Protocol,
+    /// Connections opened as fast as possible (one flow each) for the handshake rate.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Flows opened on --flow-connections established connections for the flow rate.
+    #[arg(long, default_value_t = 2000)]
+    flows: usize,
+    #[arg(long, default_value_t = 10)]
+    flow_connections: usize,
+    #[arg(long, default_value_t = 0)]
+    relay_core: usize,
+    #[arg(long, default_value_t = 1)]
+    client_core: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn setup_rate(a: SetupArgs) -> Result<(), BenchError> {
+    spawn::raise_nofile(2 * a.connections.max(a.flows) as u64 + 4096);
+    let target =
+        target::TargetThread::start("127.0.0.1:0".parse().expect("literal"), Some(a.client_core))?;
+    let mut results = Vec::new();
+    for (what, flows, conns) in [
+        ("handshakes", a.connections, a.connections),
+        ("flows", a.flows, a.flow_connections),
+    ] {
+        let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), &[])?;
+        let mut args = cell_args(
+            a.relay_core,
+            a.client_core,
+            a.protocol,
+            64,
+            flows,
+            Mode::Echo,
+            (0.0, 0.5),
+        );
+        args.rate = flows as u64;
+        args.connections = conns;
+        args.setup_timeout = 120;
+        let r = crate::run::run(args.spec(
+            &format!("setup-rate-{what}"),
+            proc.addr,
+            target.addr,
+            Some(proc.pid()),
+            proc.metrics,
+        ));
+        drop(proc);
+        match r {
+            Ok(r) => {
+                let s = &r.setup;
+                let line = match what {
+                    "handshakes" => format!(
+                        "{}: {} of {} connections in {:.2} s: {} handshakes/s",
+                        a.protocol.as_str(),
+                        s.connections_open,
+                        conns,
+                        s.connect_seconds.unwrap_or(0.0),
+                        s.handshakes_per_sec
+                            .map_or("-".into(), |v| format!("{v:.0}")),
+                    ),
+                    _ => format!(
+                        "{}: {} of {} flows on {} connections: {} flows/s after the handshakes",
+                        a.protocol.as_str(),
+                        s.flows_open,
+                        flows,
+                        conns,
+                        s.flows_per_sec.map_or("-".into(), |v| format!("{v:.0}")),
+                    ),
+                };
+                println!("{line}");
+                results.push(serde_json::json!({ "measure": what, "run": r }));
+            }
+            Err(e) => eprintln!("setup-rate: {what}: {e}"),
+        }
+    }
+    crate::write_json(&a.json, &serde_json::json!({ "results": results }))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_range() {
+        let f = |v: f64| format!("{v:.1}");
+        assert_eq!(median_range(&[3.0, 1.0, 2.0], f), "2.0 [1.0–3.0]");
+        assert_eq!(median_range(&[4.0, 1.0, 2.0, 3.0], f), "2.5 [1.0–4.0]");
+        assert_eq!(median_range(&[5.0], f), "5.0");
+        assert_eq!(median_range(&[], f), "-");
+    }
+}
