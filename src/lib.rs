@@ -358,7 +358,11 @@ impl Relay {
         };
         info!(
             listen = %self.local_addr,
-            protocols = "h2, http/1.1 over TLS",
+            protocols = if config.http3.enabled {
+                "h3 (UDP), h2 and http/1.1 (TCP+TLS)"
+            } else {
+                "h2 and http/1.1 (TCP+TLS)"
+            },
             workers = config.workers,
             pinned = config.pin_workers,
             uri_template = config.uri_template.as_str(),

@@ -50,6 +50,11 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
+        // A head is refused past the limit whether or not it completed in the read that
+        // crossed it.
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+            return Parsed::Error(431, "request head too large")
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
             return Parsed::Error(431, "request head too large")
@@ -378,6 +383,9 @@ mod tests {
         assert_eq!(status(b"\x00\x01garbage\r\n\r\n"), 400);
         let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
         long.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(status(&long), 431);
+        // Complete, but longer than the limit.
+        long.extend_from_slice(b"\r\n\r\n");
         assert_eq!(status(&long), 431);
     }
 
