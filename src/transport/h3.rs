@@ -1026,7 +1026,6 @@ fn opened_target(
 /// Reads one flow's target socket and sends what arrives to the client; ends the flow on a
 /// target error or when it has been idle too long.
 async fn flow_reader(shared: Shared, ch: ConnectionHandle, id: StreamId, sock: Rc<FlowSocket>) {
-    let mut buf = vec![0u8; capsule::MAX_UDP_PAYLOAD + 1];
     loop {
         let deadline = {
             let d = shared.borrow();
@@ -1058,44 +1057,48 @@ async fn flow_reader(shared: Shared, ch: ConnectionHandle, id: StreamId, sock: R
                 close = f.flow.handle_timeout(now);
             }
         } else {
-            for _ in 0..RECV_BUDGET {
-                match sock.try_recv(&mut buf) {
-                    None => break,
-                    Some(Recv::TargetError(e)) => {
-                        debug!(target = %sock.target(), error = %e, "target socket error");
-                        close = Some(CloseReason::TargetError);
-                        break;
-                    }
-                    Some(Recv::Datagram(n)) => {
-                        let ok = match c.requests.get_mut(&id) {
-                            Some(Request {
+            let mut gone = false;
+            tunnel::with_scratch(|buf| {
+                for _ in 0..RECV_BUDGET {
+                    match sock.try_recv(buf) {
+                        None => break,
+                        Some(Recv::TargetError(e)) => {
+                            debug!(target = %sock.target(), error = %e, "target socket error");
+                            close = Some(CloseReason::TargetError);
+                            break;
+                        }
+                        Some(Recv::Datagram(n)) => {
+                            let Some(Request {
                                 state: ReqState::Open(f),
                                 ..
-                            }) => f.flow.on_target_datagram(now, n),
-                            _ => return,
-                        };
-                        if let Err(r) = ok {
-                            ctx.stats.dropped(r);
-                            continue;
-                        }
-                        if c.send_to_client(id, &buf[..n], &ctx) {
-                            ctx.stats.datagram(VERSION, Direction::ToClient, n);
+                            }) = c.requests.get_mut(&id)
+                            else {
+                                gone = true;
+                                break;
+                            };
+                            if let Err(r) = f.flow.on_target_datagram(now, n) {
+                                ctx.stats.dropped(r);
+                                continue;
+                            }
+                            let sent = c.send_to_client(id, &buf[..n], &ctx);
                             if let Some(Request {
                                 state: ReqState::Open(f),
                                 ..
                             }) = c.requests.get_mut(&id)
                             {
-                                f.flow.on_sent_to_client(n);
+                                if sent {
+                                    ctx.stats.datagram(VERSION, Direction::ToClient, n);
+                                    f.flow.on_sent_to_client(n);
+                                } else {
+                                    f.flow.on_dropped();
+                                }
                             }
-                        } else if let Some(Request {
-                            state: ReqState::Open(f),
-                            ..
-                        }) = c.requests.get_mut(&id)
-                        {
-                            f.flow.on_dropped();
                         }
                     }
                 }
+            });
+            if gone {
+                return;
             }
         }
         if let Some(reason) = close {

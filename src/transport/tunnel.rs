@@ -36,6 +36,13 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_UDP_PAYLOAD + 1]);
 }
 
+/// Runs `f` with the worker's shared receive buffer (large enough for any UDP payload). A flow
+/// holds it only between two awaits, so one buffer per worker serves every flow and an idle
+/// flow costs no receive buffer at all.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with_borrow_mut(|buf| f(buf))
+}
+
 /// Why the client side is gone.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientGone {
