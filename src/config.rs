@@ -112,6 +112,9 @@ pub struct LimitsConfig {
     pub max_pending_handshakes: usize,
     /// TCP connections per worker; more are closed at once. Default 20000.
     pub max_connections_per_worker: usize,
+    /// When the relay's memory cgroup is above this percentage of its limit, new flows get
+    /// 503 until usage falls again (checked ten times a second). 0 turns it off. Default 85.
+    pub memory_high_percent: u8,
 }
 
 impl Default for LimitsConfig {
@@ -124,6 +127,7 @@ impl Default for LimitsConfig {
             datagrams_per_second: 200_000,
             max_pending_handshakes: 1024,
             max_connections_per_worker: 20_000,
+            memory_high_percent: 85,
         }
     }
 }
@@ -401,6 +405,9 @@ impl Config {
         }
         if l.max_pending_handshakes == 0 {
             return Err(bad("limits.max_pending_handshakes", "must be at least 1"));
+        }
+        if l.memory_high_percent > 100 {
+            return Err(bad("limits.memory_high_percent", "must be within 0..=100"));
         }
         if l.max_connections_per_worker == 0 {
             return Err(bad(

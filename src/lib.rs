@@ -55,6 +55,7 @@ fn live_state(
     own: Option<SocketAddr>,
     resolver: Arc<dyn transport::target::Resolve>,
     limiter: Arc<relay::limits::FlowLimiter>,
+    memory_pressure: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(Shared, bool), StartError> {
     let identity = Identity::load(&config.tls)?;
     let client_ca = config.auth.client_ca.as_deref();
@@ -97,8 +98,44 @@ fn live_state(
         resolver,
         credentials,
         limiter,
+        memory_pressure,
     };
     Ok((shared, identity.self_signed))
+}
+
+/// Watches the memory cgroup ten times a second and sets `flag` while usage is above
+/// `limits.memory_high_percent` of the limit; no thread when there is no cgroup to read.
+fn memory_watch(
+    live: watch::Receiver<Arc<Shared>>,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    stop: watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    let cgroup = io::memory::CgroupMemory::find()?;
+    std::thread::Builder::new()
+        .name("memory-watch".into())
+        .spawn(move || {
+            while !*stop.borrow() {
+                let percent = live.borrow().config.limits.memory_high_percent;
+                if let Some((usage, limit)) = cgroup.read() {
+                    let over = io::memory::over(usage, limit, percent);
+                    if over != flag.swap(over, Ordering::Relaxed) {
+                        if over {
+                            tracing::warn!(
+                                usage,
+                                ?limit,
+                                percent,
+                                "memory pressure: refusing new flows"
+                            );
+                        } else {
+                            info!(usage, ?limit, "memory pressure over: accepting new flows");
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        })
+        .ok()
 }
 
 /// A running relay.
@@ -109,6 +146,7 @@ pub struct Relay {
     live: watch::Sender<Arc<Shared>>,
     metrics_stop: watch::Sender<bool>,
     quic_keep: Vec<std::net::UdpSocket>,
+    memory_watch: Option<JoinHandle<()>>,
     threads: Vec<JoinHandle<()>>,
     stats: Vec<Arc<WorkerStats>>,
     metrics: Option<metrics::MetricsServer>,
@@ -133,7 +171,9 @@ impl Relay {
             config.limits.max_flows,
             config.limits.max_flows_per_identity,
         );
-        let (mut shared, self_signed) = live_state(config, None, resolver, limiter)?;
+        let memory_pressure = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut shared, self_signed) =
+            live_state(config, None, resolver, limiter, memory_pressure.clone())?;
         let config = shared.config.clone();
         // The first listener fixes the port (port 0 picks one); the others share it.
         let first = io::tcp::reuseport_listener(config.listen, 1024).map_err(|source| {
@@ -234,12 +274,14 @@ impl Relay {
             })
             .transpose()
             .map_err(StartError::Thread)?;
+        let memory_watch = memory_watch(live_rx.clone(), memory_pressure, metrics_stop_rx.clone());
         Ok(Relay {
             local_addr,
             phase,
             live,
             metrics_stop,
             quic_keep,
+            memory_watch,
             threads,
             stats,
             metrics,
@@ -321,6 +363,7 @@ impl Relay {
             Some(self.local_addr),
             old.resolver.clone(),
             old.limiter.clone(),
+            old.memory_pressure.clone(),
         )?;
         old.limiter.set_caps(caps.0, caps.1);
         let shared = Arc::new(shared);
@@ -334,6 +377,9 @@ impl Relay {
         let _ = self.phase.send(Phase::Stop);
         let _ = self.metrics_stop.send(true);
         for t in self.threads {
+            let _ = t.join();
+        }
+        if let Some(t) = self.memory_watch {
             let _ = t.join();
         }
         // Leave the QUIC reuseport group from the last socket to the first. The kernel fills a

@@ -7,6 +7,7 @@
 //! methods, without `relay/` or `proto/` noticing.
 
 pub mod bpf;
+pub mod memory;
 pub mod notify;
 pub mod quic_socket;
 pub mod sockopt;

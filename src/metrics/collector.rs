@@ -172,6 +172,12 @@ const H3_STREAM_ERRORS: Family = family(
     &["worker"],
     "HTTP/3 stream errors (malformed requests or messages); each resets its stream.",
 );
+const QUIC_AMPLIFICATION_HELD: Family = family(
+    "masque_relay_quic_amplification_held_total",
+    COUNTER,
+    &["worker"],
+    "QUIC datagrams held back to keep within 3x of what an unvalidated client sent.",
+);
 const QUIC_MISROUTED: Family = family(
     "masque_relay_quic_misrouted_packets_total",
     COUNTER,
@@ -186,7 +192,7 @@ const QUIC_SEND_ERRORS: Family = family(
 );
 
 /// Every family the collector emits, in output order.
-pub const FAMILIES: [&Family; 23] = [
+pub const FAMILIES: [&Family; 24] = [
     &BUILD_INFO,
     &IO_BACKEND_INFO,
     &CONNECTIONS_ACCEPTED,
@@ -208,6 +214,7 @@ pub const FAMILIES: [&Family; 23] = [
     &CAPSULES_UNKNOWN,
     &H3_CONNECTION_ERRORS,
     &H3_STREAM_ERRORS,
+    &QUIC_AMPLIFICATION_HELD,
     &QUIC_MISROUTED,
     &QUIC_SEND_ERRORS,
 ];
@@ -517,6 +524,7 @@ impl Collector for RelayCollector {
             ),
             (&H3_CONNECTION_ERRORS, |s| &s.h3_connection_errors),
             (&H3_STREAM_ERRORS, |s| &s.h3_stream_errors),
+            (&QUIC_AMPLIFICATION_HELD, |s| &s.quic_amplification_held),
             (&QUIC_MISROUTED, |s| &s.quic_misrouted),
             (&QUIC_SEND_ERRORS, |s| &s.quic_send_errors),
         ] {

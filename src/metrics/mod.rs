@@ -314,6 +314,8 @@ pub struct WorkerStats {
     pub h3_connection_errors: Counter,
     /// HTTP/3 stream errors (a malformed request or message): the stream is reset.
     pub h3_stream_errors: Counter,
+    /// QUIC datagrams held back by the 3x anti-amplification limit.
+    pub quic_amplification_held: Counter,
     /// QUIC packets that reached this worker but belong to another one's connection.
     pub quic_misrouted: Counter,
     /// QUIC packets the socket would not take (lost, as on the network; QUIC recovers).
@@ -346,6 +348,7 @@ impl Default for WorkerStats {
             capsules_unknown: Counter::default(),
             h3_connection_errors: Counter::default(),
             h3_stream_errors: Counter::default(),
+            quic_amplification_held: Counter::default(),
             quic_misrouted: Counter::default(),
             quic_send_errors: Counter::default(),
             handshake_seconds: Histogram::new(&HANDSHAKE_BUCKETS),

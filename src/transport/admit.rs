@@ -92,6 +92,16 @@ pub(crate) fn admit(
             "new flows too fast on this connection",
         ));
     }
+    if shared
+        .memory_pressure
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return Err(Rejection::new(
+            503,
+            Some(ProxyError::ProxyInternalError),
+            "memory pressure: no new flows for now",
+        ));
+    }
     let permit = shared
         .limiter
         .acquire(identity.as_deref())

@@ -82,6 +82,8 @@ struct Request {
     out: BytesMut,
     /// Finish the stream once `out` is written.
     fin: bool,
+    /// The client finished its side while the target was being opened: answer, then end.
+    client_fin: bool,
 }
 
 struct FlowEntry {
@@ -122,6 +124,8 @@ pub(crate) struct H3Conn {
     next_request_id: u64,
     /// Admission state, set when the handshake completes.
     limits: Option<Rc<ConnLimits>>,
+    /// Bytes in and out before the client's address is validated.
+    pub amplification: super::quic::Amplification,
 }
 
 impl H3Conn {
@@ -149,6 +153,7 @@ impl H3Conn {
             goaway: None,
             next_request_id: 0,
             limits: None,
+            amplification: Default::default(),
         }
     }
 
@@ -301,6 +306,7 @@ impl H3Conn {
                     state: ReqState::Head,
                     out: BytesMut::new(),
                     fin: false,
+                    client_fin: false,
                 },
             );
             self.read_stream(ch, id, now, ctx, shared);
@@ -541,9 +547,12 @@ impl H3Conn {
             }
             Some(r) => {
                 // The client finished its side: end the flow and finish ours promptly.
-                let was_opening = matches!(req.state, ReqState::Opening);
-                end_flow(&mut req, r, ctx);
-                if !was_opening {
+                if matches!(req.state, ReqState::Opening) {
+                    // The response is still to come (the target is being opened); it goes
+                    // out, then the stream ends.
+                    req.client_fin = true;
+                } else {
+                    end_flow(&mut req, r, ctx);
                     req.fin = true;
                     req.state = ReqState::Done;
                 }
@@ -893,6 +902,9 @@ fn forward(
 
 /// Ends a request's flow, if it has one: stops its reader, closes its socket, counts it.
 fn end_flow(req: &mut Request, reason: CloseReason, ctx: &WorkerCtx) {
+    if !matches!(req.state, ReqState::Open(_)) {
+        return; // no flow: a request still opening keeps its state for its answer
+    }
     if let ReqState::Open(f) = std::mem::replace(&mut req.state, ReqState::Done) {
         f.reader.abort();
         let c = f.flow.counters();
@@ -973,6 +985,18 @@ fn opened_target(
             frame::encode_headers_frame(&block, &mut req.out);
             ctx.stats.request(VERSION, 200);
             ctx.stats.flows_opened.inc();
+            if req.client_fin {
+                // The client already ended its side: the flow ends as it opens.
+                debug!(target = %sock.target(), "h3 flow ended by the client before its response");
+                ctx.stats.flow_closed(CloseReason::ClientEnd);
+                req.fin = true;
+                req.state = ReqState::Done;
+                c.requests.insert(id, req);
+                c.flush(id);
+                driver.touch(ch);
+                driver.wake.notify_one();
+                return;
+            }
             debug!(target = %sock.target(), identity = ?ticket.identity, "h3 flow opened");
             let sock = Rc::new(sock);
             let cfg = &c.live.config;

@@ -101,6 +101,48 @@ impl ConnectionIdGenerator for WorkerCid {
     }
 }
 
+/// The anti-amplification limit of RFC 9000 §8.1, enforced at the socket: until the client's
+/// address is validated, at most three times the bytes received from it are sent.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Amplification {
+    received: u64,
+    sent: u64,
+    validated: bool,
+}
+
+impl Amplification {
+    /// `len` bytes arrived from the peer; `validates` when they prove its address.
+    pub fn received(&mut self, len: usize, validates: bool) {
+        self.received += len as u64;
+        self.validated |= validates;
+    }
+
+    /// How many bytes of a transmit of `len` bytes (datagrams of `segment` bytes, the last one
+    /// possibly shorter) may go out now: whole datagrams only. Counts what it allows.
+    pub fn allow(&mut self, len: usize, segment: usize) -> usize {
+        if self.validated {
+            return len;
+        }
+        let budget = (3 * self.received).saturating_sub(self.sent) as usize;
+        let segment = segment.max(1);
+        let mut ok = 0;
+        while ok < len {
+            let next = (ok + segment).min(len);
+            if next > budget {
+                break;
+            }
+            ok = next;
+        }
+        self.sent += ok as u64;
+        ok
+    }
+
+    /// May a datagram of `len` bytes go out now? Counts it if so.
+    pub fn may_send(&mut self, len: usize) -> bool {
+        self.allow(len, len) == len
+    }
+}
+
 /// The QUIC server configuration shared by all workers.
 pub fn server_config(
     id: &Identity,
@@ -241,6 +283,10 @@ impl QuicDriver {
         let ecn = meta
             .ecn
             .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+        // A Handshake packet from the client proves its address (RFC 9000 §8.1).
+        let validates = seg
+            .first()
+            .is_some_and(|b| b & 0x80 != 0 && (b >> 4) & 0x3 == 0x2);
         // The one copy on receive: into the buffer quinn-proto decrypts in place.
         let data = BytesMut::from(seg);
         self.response_buf.clear();
@@ -254,11 +300,12 @@ impl QuicDriver {
         ) {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
                 if let Some(c) = self.conns.get_mut(&ch) {
+                    c.amplification.received(seg.len(), validates);
                     c.conn.handle_event(ev);
                     self.dirty.insert(ch);
                 }
             }
-            Some(DatagramEvent::NewConnection(incoming)) => self.incoming(now, incoming),
+            Some(DatagramEvent::NewConnection(incoming)) => self.incoming(now, incoming, seg.len()),
             Some(DatagramEvent::Response(t)) => {
                 let buf = std::mem::take(&mut self.response_buf);
                 self.send(&t, &buf);
@@ -284,7 +331,8 @@ impl QuicDriver {
         dcid0.is_some_and(|b| WorkerCid::worker_of(*b, self.workers) != self.ctx.id)
     }
 
-    fn incoming(&mut self, now: Instant, incoming: quinn_proto::Incoming) {
+    fn incoming(&mut self, now: Instant, incoming: quinn_proto::Incoming, len: usize) {
+        let validated = incoming.remote_address_validated();
         let live = self.ctx.shared();
         let h3 = &live.config.http3;
         let pending = self
@@ -320,7 +368,9 @@ impl QuicDriver {
         {
             Ok((ch, conn)) => {
                 debug!(worker = self.ctx.id, remote = %conn.remote_address(), "QUIC connection accepted");
-                self.conns.insert(ch, H3Conn::new(conn, now, live.clone()));
+                let mut c = H3Conn::new(conn, now, live.clone());
+                c.amplification.received(len, validated);
+                self.conns.insert(ch, c);
                 self.dirty.insert(ch);
             }
             Err(e) => {
@@ -377,7 +427,21 @@ impl QuicDriver {
                 loop {
                     self.send_buf.clear();
                     match c.conn.poll_transmit(now, max_gso, &mut self.send_buf) {
-                        Some(t) => {
+                        Some(mut t) => {
+                            let ok = c
+                                .amplification
+                                .allow(t.size, t.segment_size.unwrap_or(t.size));
+                            if ok < t.size {
+                                // Over 3x what an unvalidated address sent us: the rest is held
+                                // back like a lost packet (quinn-proto lets one full datagram
+                                // overshoot its budget) and sent again once the client has
+                                // said more.
+                                self.ctx.stats.quic_amplification_held.inc();
+                                if ok == 0 {
+                                    break;
+                                }
+                                t.size = ok;
+                            }
                             let buf = std::mem::take(&mut self.send_buf);
                             self.send(&t, &buf);
                             self.send_buf = buf;
@@ -510,4 +574,51 @@ pub(crate) async fn run(
         d.touch(ch);
     }
     d.drive_dirty(now, &driver);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amplification_is_three_times_until_validated() {
+        let mut a = Amplification::default();
+        a.received(1200, false);
+        assert!(a.may_send(1350));
+        assert!(a.may_send(1350));
+        assert!(!a.may_send(1350), "4050 > 3600");
+        assert!(a.may_send(900));
+        assert!(!a.may_send(1));
+        a.received(50, false);
+        assert!(a.may_send(150));
+        a.received(40, true);
+        assert!(a.may_send(65_000));
+        // A GSO train is cut at a datagram boundary.
+        let mut b = Amplification::default();
+        b.received(1200, false);
+        assert_eq!(b.allow(4050, 1350), 2700);
+        assert_eq!(b.allow(1000, 1000), 0, "900 left is not a whole datagram");
+        let mut c = Amplification::default();
+        c.received(1200, false);
+        assert_eq!(
+            c.allow(3000, 1350),
+            3000,
+            "1350 + 1350 + a short last one of 300"
+        );
+    }
+
+    #[test]
+    fn worker_cids_name_their_worker() {
+        for workers in [1usize, 2, 3, 7, 64] {
+            for w in 0..workers {
+                let mut g = WorkerCid::new(w, workers);
+                for _ in 0..50 {
+                    let cid = g.generate_cid();
+                    assert_eq!(cid.len(), CID_LEN);
+                    assert_eq!(WorkerCid::worker_of(cid[0], workers), w);
+                    assert!(g.validate(&cid).is_ok());
+                }
+            }
+        }
+    }
 }

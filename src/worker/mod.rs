@@ -31,6 +31,8 @@ pub struct Shared {
     pub credentials: Option<Arc<crate::relay::auth::CredentialStore>>,
     /// Flow caps shared by all workers (kept across reloads, which only change the caps).
     pub limiter: Arc<crate::relay::limits::FlowLimiter>,
+    /// Set while the memory cgroup is above `limits.memory_high_percent` of its limit.
+    pub memory_pressure: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The relay's life cycle, as the workers see it.
