@@ -17,7 +17,7 @@
 //! `Rc<RefCell<..>>` and wake it with a `Notify`, never across threads.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::IoSliceMut;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -196,6 +196,8 @@ pub(crate) struct QuicDriver {
     pub conns: HashMap<ConnectionHandle, H3Conn>,
     /// Connections with work to do (events handled, data written) since their last poll.
     dirty: HashSet<ConnectionHandle>,
+    /// Every connection's next deadline, soonest first, so a pass looks at expired ones only.
+    timers: BTreeSet<(Instant, ConnectionHandle)>,
     /// Wakes the driver task after another task touched a connection.
     pub wake: Rc<Notify>,
     workers: usize,
@@ -232,6 +234,7 @@ impl QuicDriver {
             endpoint,
             conns: HashMap::new(),
             dirty: HashSet::new(),
+            timers: BTreeSet::new(),
             wake: Rc::new(Notify::new()),
             workers,
             draining: false,
@@ -404,14 +407,33 @@ impl QuicDriver {
         }
     }
 
-    /// Handles expired timers.
+    /// Handles expired timers: only the connections whose deadline has passed are touched.
     fn timeouts(&mut self, now: Instant) {
-        for (ch, c) in self.conns.iter_mut() {
-            if c.timeout.is_some_and(|t| t <= now) {
+        while let Some(&(t, ch)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(c) = self.conns.get_mut(&ch) {
+                c.timeout = None;
                 c.conn.handle_timeout(now);
-                self.dirty.insert(*ch);
+                self.dirty.insert(ch);
             }
         }
+    }
+
+    /// Records a connection's next deadline in the timer set.
+    fn set_timer(&mut self, ch: ConnectionHandle, c: &mut H3Conn, next: Option<Instant>) {
+        if c.timeout == next {
+            return;
+        }
+        if let Some(old) = c.timeout {
+            self.timers.remove(&(old, ch));
+        }
+        if let Some(new) = next {
+            self.timers.insert((new, ch));
+        }
+        c.timeout = next;
     }
 
     /// Polls every dirty connection until it has nothing more to say.
@@ -450,7 +472,8 @@ impl QuicDriver {
                     }
                 }
                 // 2. timer
-                c.timeout = c.conn.poll_timeout();
+                let next = c.conn.poll_timeout();
+                self.set_timer(ch, &mut c, next);
                 // 3. endpoint events
                 while let Some(ev) = c.conn.poll_endpoint_events() {
                     if let Some(cev) = self.endpoint.handle_event(ch, ev) {
@@ -469,6 +492,7 @@ impl QuicDriver {
             }
             if c.conn.is_drained() {
                 debug!(worker = self.ctx.id, "QUIC connection drained");
+                self.set_timer(ch, &mut c, None);
                 c.close_all_flows(&self.ctx);
                 self.ctx.stats.connection_closed(HttpVersion::Http3);
             } else {
@@ -491,7 +515,7 @@ impl QuicDriver {
     }
 
     fn next_timeout(&self) -> Option<Instant> {
-        self.conns.values().filter_map(|c| c.timeout).min()
+        self.timers.first().map(|(t, _)| *t)
     }
 }
 
