@@ -75,6 +75,47 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Abuse limits.
     pub limits: LimitsConfig,
+    /// The datagram I/O engine.
+    pub io: IoConfig,
+}
+
+/// The datagram I/O engine of each worker (not reloadable: read at start).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IoConfig {
+    /// `auto` (io_uring when the start-up probe finds it usable, else the fallback), `uring`
+    /// (refuse to start without it) or `mmsg` (recvmmsg/sendmmsg + epoll). Default `auto`.
+    pub backend: crate::io::dgram::Choice,
+    /// Payload bytes of each target receive buffer; a longer datagram from a target is dropped
+    /// and counted (`truncated_receive`), never relayed cut short. 512..=65536. Default 4096.
+    pub target_buffer_size: usize,
+    /// Target receive buffers per worker (a power of two, 64..=32768). Default 2048.
+    pub target_buffers: u16,
+    /// QUIC receive buffers per worker, 64 KiB each for GRO trains (a power of two,
+    /// 8..=4096). Default 64.
+    pub quic_buffers: u16,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        let d = crate::io::dgram::Sizes::default();
+        Self {
+            backend: crate::io::dgram::Choice::Auto,
+            target_buffer_size: d.target_buffer_size,
+            target_buffers: d.target_buffers,
+            quic_buffers: d.quic_buffers,
+        }
+    }
+}
+
+impl IoConfig {
+    pub fn sizes(&self) -> crate::io::dgram::Sizes {
+        crate::io::dgram::Sizes {
+            target_buffer_size: self.target_buffer_size,
+            target_buffers: self.target_buffers,
+            quic_buffers: self.quic_buffers,
+        }
+    }
 }
 
 /// Client authentication. With neither field set, any client may use the relay (fine on
@@ -192,6 +233,11 @@ pub struct Http2Config {
     pub initial_connection_window: u32,
     /// Largest frame payload the relay accepts, in bytes (16384..=16777215). Default 65535.
     pub max_frame_size: u32,
+    /// A TCP client connection (HTTP/2 or HTTP/1.1) whose client has taken none of the bytes the
+    /// relay has for it for this many seconds is closed: it stopped reading, e.g. a PING or
+    /// SETTINGS flood that never reads the answers. Idle connections are not affected. At
+    /// least 1. Default 30.
+    pub write_stall_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -216,6 +262,7 @@ impl Default for Config {
             http3: Http3Config::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
+            io: IoConfig::default(),
         }
     }
 }
@@ -228,7 +275,15 @@ impl Default for Http2Config {
             initial_stream_window: 1024 * 1024,
             initial_connection_window: 8 * 1024 * 1024,
             max_frame_size: 65_535,
+            write_stall_timeout_secs: 30,
         }
+    }
+}
+
+impl Http2Config {
+    /// `write_stall_timeout_secs` as a duration.
+    pub fn write_stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_stall_timeout_secs)
     }
 }
 
@@ -271,6 +326,7 @@ pub struct Checked {
     pub http3: Http3Config,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    pub io: IoConfig,
 }
 
 /// Where the TLS certificate comes from.
@@ -340,6 +396,23 @@ impl Config {
         if self.flow_idle_timeout_secs == 0 {
             return Err(bad("flow_idle_timeout_secs", "must be at least 1"));
         }
+        if !(512..=65_536).contains(&self.io.target_buffer_size) {
+            return Err(bad("io.target_buffer_size", "must be within 512..=65536"));
+        }
+        if !(64..=32_768).contains(&self.io.target_buffers)
+            || !self.io.target_buffers.is_power_of_two()
+        {
+            return Err(bad(
+                "io.target_buffers",
+                "must be a power of two within 64..=32768",
+            ));
+        }
+        if !(8..=4096).contains(&self.io.quic_buffers) || !self.io.quic_buffers.is_power_of_two() {
+            return Err(bad(
+                "io.quic_buffers",
+                "must be a power of two within 8..=4096",
+            ));
+        }
         if self.resolve_timeout_ms == 0 {
             return Err(bad("resolve_timeout_ms", "must be at least 1"));
         }
@@ -374,6 +447,9 @@ impl Config {
                 "http2.max_frame_size",
                 "must be within 16384..=16777215",
             ));
+        }
+        if h2.write_stall_timeout_secs == 0 {
+            return Err(bad("http2.write_stall_timeout_secs", "must be at least 1"));
         }
         for (field, v) in [
             ("http2.initial_stream_window", h2.initial_stream_window),
@@ -456,6 +532,7 @@ impl Config {
             http3: self.http3.clone(),
             auth: self.auth.clone(),
             limits: self.limits.clone(),
+            io: self.io.clone(),
         })
     }
 }
@@ -478,6 +555,7 @@ mod tests {
         assert!(matches!(c.tls, TlsSource::SelfSigned));
         assert!(c.workers >= 1);
         assert_eq!(c.http2.max_concurrent_streams, 256);
+        assert_eq!(c.http2.write_stall_timeout(), Duration::from_secs(30));
     }
 
     #[test]
@@ -525,6 +603,11 @@ mod tests {
             "flow_idle_timeout_secs"
         );
         assert_eq!(field_of("max_udp_payload = 70000"), "max_udp_payload");
+        assert_eq!(field_of("[io]\ntarget_buffers = 100"), "io.target_buffers");
+        assert_eq!(
+            field_of("[io]\ntarget_buffer_size = 100"),
+            "io.target_buffer_size"
+        );
         assert_eq!(field_of("cert = \"/nonexistent.pem\""), "key");
         assert_eq!(
             field_of("cert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\""),
@@ -533,6 +616,10 @@ mod tests {
         assert_eq!(
             field_of("[http2]\nmax_frame_size = 10"),
             "http2.max_frame_size"
+        );
+        assert_eq!(
+            field_of("[http2]\nwrite_stall_timeout_secs = 0"),
+            "http2.write_stall_timeout_secs"
         );
         assert_eq!(field_of("no_such_field = 1"), "config");
     }

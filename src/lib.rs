@@ -45,6 +45,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("io.backend: {0}")]
+    IoBackend(#[from] io::dgram::SelectError),
 }
 
 /// Everything a reload may replace, built from a configuration: certificates and TLS
@@ -151,6 +153,7 @@ pub struct Relay {
     stats: Vec<Arc<WorkerStats>>,
     metrics: Option<metrics::MetricsServer>,
     identity_self_signed: bool,
+    io_backend: io::dgram::Selected,
 }
 
 impl Relay {
@@ -175,6 +178,14 @@ impl Relay {
         let (mut shared, self_signed) =
             live_state(config, None, resolver, limiter, memory_pressure.clone())?;
         let config = shared.config.clone();
+        // The datagram backend: probed once here, so every worker runs the same one.
+        let io_backend = io::dgram::select(config.io.backend)?;
+        tracing::info!(
+            backend = io_backend.backend.as_str(),
+            reason = %io_backend.reason,
+            gso = io::dgram::gso_supported(),
+            "datagram I/O backend"
+        );
         // The first listener fixes the port (port 0 picks one); the others share it.
         let first = io::tcp::reuseport_listener(config.listen, 1024).map_err(|source| {
             StartError::Listen {
@@ -261,9 +272,10 @@ impl Relay {
             stats.push(ctx.stats.clone());
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let quic = quic.clone().zip(quic_sockets.next());
+            let io = (io_backend.backend, config.io.sizes());
             let t = std::thread::Builder::new()
                 .name(format!("worker-{id}"))
-                .spawn(move || worker::run(ctx, listener, quic, core))
+                .spawn(move || worker::run(ctx, listener, quic, core, io))
                 .map_err(StartError::Thread)?;
             threads.push(t);
         }
@@ -286,7 +298,13 @@ impl Relay {
             stats,
             metrics,
             identity_self_signed: self_signed,
+            io_backend,
         })
+    }
+
+    /// The datagram I/O backend the workers run on, and why it was chosen.
+    pub fn io_backend(&self) -> &io::dgram::Selected {
+        &self.io_backend
     }
 
     /// The address the TCP listener is bound to (with the real port when 0 was asked).

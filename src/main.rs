@@ -72,6 +72,12 @@ struct Cli {
     #[arg(long, value_name = "ADDR:PORT|off")]
     metrics: Option<String>,
 
+    /// Datagram I/O backend: `auto` probes io_uring at start and falls back to
+    /// recvmmsg/sendmmsg + epoll where it is disabled or forbidden; `uring` refuses to start
+    /// without it. [default: auto]
+    #[arg(long, value_name = "auto|uring|mmsg")]
+    io_backend: Option<masque_relay::io::dgram::Choice>,
+
     /// On SIGTERM, keep established flows relaying for at most this many seconds while
     /// refusing new work, then exit. [default: 30]
     #[arg(long, value_name = "SECS")]
@@ -151,6 +157,9 @@ impl Cli {
         }
         if let Some(v) = self.drain_timeout {
             cfg.drain_timeout_secs = v;
+        }
+        if let Some(v) = self.io_backend {
+            cfg.io.backend = v;
         }
         Ok(cfg)
     }

@@ -456,6 +456,80 @@ async fn write_flood(
     (outcome, written)
 }
 
+/// The relay's write-stall timeout in the flood test: short, so the test sees the close.
+const STALL_SECS: u64 = 2;
+
+/// How a flood that never reads ended.
+struct NoReadFlood {
+    /// Bytes the client managed to write (whole batches), flood and wait together.
+    written: u64,
+    /// From the start of the flood to its first write that did not complete in 500 ms (the
+    /// relay stopped reading), if one did not.
+    blocked_after: Option<Duration>,
+    /// From the start of the flood to the client's write failing (the relay closed the
+    /// connection); `None` if it was still open after `within`.
+    closed_after: Option<Duration>,
+    /// Bytes per frame of the flood.
+    frame_len: u64,
+}
+
+impl NoReadFlood {
+    fn describe(&self) -> String {
+        let blocked = match self.blocked_after {
+            Some(b) => format!("its writes blocked after {:.2} s", b.as_secs_f64()),
+            None => "its writes never blocked".to_owned(),
+        };
+        let closed = match self.closed_after {
+            Some(c) => format!(
+                "closed by the relay {:.2} s after it began",
+                c.as_secs_f64()
+            ),
+            None => "NOT closed".to_owned(),
+        };
+        format!(
+            "{} frames written, {blocked}, {closed}",
+            self.written / self.frame_len
+        )
+    }
+}
+
+/// Floods `batch` (frames of `frame_len` bytes) for `flood_for` without ever reading, then keeps one write pending until it
+/// fails (the relay closed the connection) or `within` (from the start) passed. A relay that
+/// only throttles leaves that write blocked for good.
+async fn flood_until_closed(
+    c: &mut RawH2,
+    batch: &[u8],
+    frame_len: u64,
+    flood_for: Duration,
+    within: Duration,
+) -> NoReadFlood {
+    let started = Instant::now();
+    let (outcome, mut written) = write_flood(c, batch, flood_for).await;
+    let blocked_after = (outcome == Err(SendFail::Blocked)).then(|| started.elapsed());
+    let closed_after = match outcome {
+        Err(SendFail::Closed) => Some(started.elapsed()),
+        _ => loop {
+            let left = within.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break None;
+            }
+            // The relay has stopped reading, so this write waits; the relay's close (a reset:
+            // it leaves our bytes unread) fails it.
+            match c.send(batch, left).await {
+                Ok(()) => written += batch.len() as u64,
+                Err(SendFail::Closed) => break Some(started.elapsed()),
+                Err(SendFail::Blocked) => break None,
+            }
+        },
+    };
+    NoReadFlood {
+        written,
+        blocked_after,
+        closed_after,
+        frame_len,
+    }
+}
+
 fn flood_verdict(outcome: Result<(), SendFail>, closed: bool) -> &'static str {
     match (outcome, closed) {
         (_, true) | (Err(SendFail::Closed), _) => "connection closed",
@@ -467,11 +541,20 @@ fn flood_verdict(outcome: Result<(), SendFail>, closed: bool) -> &'static str {
 #[test]
 fn h2_ping_settings_and_empty_data_floods_are_bounded() {
     serial(|| async {
-        let relay = RelayProc::start(RelayOpts::default());
+        let relay = RelayProc::start(RelayOpts {
+            config: Some(format!(
+                "[http2]\nwrite_stall_timeout_secs = {STALL_SECS}\n"
+            )),
+            metrics: true,
+            ..Default::default()
+        });
         let target = EchoTarget::start("127.0.0.1:0");
         let prober = Prober::start(&relay, Proto::H2, target.addr);
         let port = target.addr.port();
         let each = Duration::from_millis(1500);
+        // The relay must close a flood that never reads within its stall timeout of the flood
+        // blocking; 10 s from the start leaves room for a loaded machine.
+        let within = Duration::from_secs(10);
         let (verdicts, f) = measure(&relay, &prober, async {
             // PING flood, never reading the PONGs (CVE-2019-9512).
             let mut c = RawH2::connect(&relay, false).await;
@@ -479,7 +562,7 @@ fn h2_ping_settings_and_empty_data_floods_are_bounded() {
             for i in 0..1000u64 {
                 h2_frame_into(h2f::PING, 0, 0, &i.to_be_bytes(), &mut batch);
             }
-            let (ping, ping_bytes) = write_flood(&mut c, &batch, each).await;
+            let ping = flood_until_closed(&mut c, &batch, 17, each, within).await;
             drop(c);
             // SETTINGS flood, never reading the ACKs (CVE-2019-9515).
             let mut c = RawH2::connect(&relay, false).await;
@@ -488,7 +571,7 @@ fn h2_ping_settings_and_empty_data_floods_are_bounded() {
                 // SETTINGS_ENABLE_PUSH = 0: valid from a client, changes nothing.
                 h2_frame_into(h2f::SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 0], &mut batch);
             }
-            let (settings, settings_bytes) = write_flood(&mut c, &batch, each).await;
+            let settings = flood_until_closed(&mut c, &batch, 15, each, within).await;
             drop(c);
             // Empty DATA frames on an open CONNECT-UDP stream (CVE-2019-9518), reading what
             // the relay sends.
@@ -519,31 +602,47 @@ fn h2_ping_settings_and_empty_data_floods_are_bounded() {
                 c.seen.count(h2f::RST_STREAM)
             );
             (
-                (ping, ping_bytes),
-                (settings, settings_bytes),
+                ping,
+                settings,
                 (empty, empty_bytes, empty_closed, empty_notes),
             )
         })
         .await;
-        let ((ping, ping_bytes), (settings, settings_bytes), (empty, empty_bytes, ec, en)) =
-            verdicts;
+        let (ping, settings, (empty, empty_bytes, ec, en)) = verdicts;
+        let stalled = relay.metric(
+            "masque_relay_connections_closed_total",
+            &[r#"protocol="h2""#, r#"reason="write_stall""#],
+        );
         let notes = format!(
-            "PING flood: {} frames written, {}; SETTINGS flood: {} frames written, {}; \
-             empty DATA flood: {} frames written ({en}), {}",
-            ping_bytes / 17,
-            flood_verdict(ping, false),
-            settings_bytes / 15,
-            flood_verdict(settings, false),
+            "write stall timeout {STALL_SECS} s; PING flood: {}; SETTINGS flood: {}; \
+             empty DATA flood: {} frames written ({en}), {}; \
+             connections closed for write_stall: {stalled}",
+            ping.describe(),
+            settings.describe(),
             empty_bytes / 9,
             flood_verdict(empty, ec)
         );
         f.report("7", "h2_control_frame_floods", &notes);
-        // The relay must not queue an answer per frame without bound: a flood that never reads
-        // ends throttled or closed.
-        assert!(ping.is_err(), "PING flood neither throttled nor closed");
-        assert!(
-            settings.is_err(),
-            "SETTINGS flood neither throttled nor closed"
+        // The relay must not queue an answer per frame without bound (a flood that never reads
+        // gets throttled: the relay stops reading), and must not keep such a connection open:
+        // once it has had nothing taken for its stall timeout, it closes it.
+        for (name, flood) in [("PING", &ping), ("SETTINGS", &settings)] {
+            assert!(
+                flood.blocked_after.is_some() || flood.closed_after.is_some(),
+                "{name} flood neither throttled nor closed: {}",
+                flood.describe()
+            );
+            assert!(
+                flood.closed_after.is_some(),
+                "{name} flood's connection not closed within {within:?}: {}",
+                flood.describe()
+            );
+        }
+        // Closed by the stall guard, not by chance: exactly the two floods that never read (the
+        // empty-DATA client and the well-behaved one read).
+        assert_eq!(
+            stalled, 2.0,
+            "connections closed for write_stall: {stalled}, expected the PING and SETTINGS floods"
         );
         f.assert_bounded(FLOOD_GROWTH, FD_SLACK);
     });

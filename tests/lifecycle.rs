@@ -178,7 +178,14 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_masque-relay"))
+        Self::start_with(|_| {}, args)
+    }
+
+    /// [`Proc::start`] with changes to the command (a sandbox, say).
+    fn start_with(f: impl FnOnce(&mut Command), args: &[&str]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_masque-relay"));
+        f(&mut cmd);
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -553,4 +560,96 @@ async fn after_a_restart_http3_is_steered_to_the_new_workers() {
         }
         assert!(ok, "no echo from port change {i}");
     }
+}
+
+// ---- where io_uring is forbidden ----
+
+/// A container that forbids io_uring (a seccomp filter, as Docker's default profile has): the
+/// relay says why it falls back, runs on recvmmsg/sendmmsg and relays; asked for io_uring
+/// explicitly, it refuses to start and names the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn where_io_uring_is_forbidden_the_relay_falls_back_and_relays() {
+    use masque_relay::io::sandbox::forbid_io_uring;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = write_cert(dir.path(), "a");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--listen",
+        &listen,
+        "--workers",
+        "1",
+        "--metrics",
+        "off",
+        "--allow-target",
+        "127.0.0.0/8",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    let mut forced = Command::new(env!("CARGO_BIN_EXE_masque-relay"));
+    forbid_io_uring(&mut forced)
+        .args(args)
+        .args(["--io-backend", "uring"]);
+    let out = forced.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("io.backend") && err.contains("io_uring_setup"),
+        "{err}"
+    );
+
+    let p = Proc::start_with(
+        |c| {
+            forbid_io_uring(c);
+        },
+        &args,
+    );
+    let log = p.log.lock().unwrap().clone();
+    let line = log
+        .lines()
+        .find(|l| l.contains("datagram I/O backend"))
+        .unwrap_or_else(|| panic!("no backend line in:\n{log}"));
+    assert!(
+        line.contains("mmsg") && line.contains("io_uring_setup"),
+        "{line}"
+    );
+    let target = EchoTarget::start("127.0.0.1:0");
+    let mut client = h2_to(listen.parse().unwrap(), &der).await;
+    let (resp, mut send, mut body) =
+        connect_udp(&mut client, &udp_path("127.0.0.1", target.addr.port())).await;
+    assert_eq!(resp.status.as_u16(), 200);
+    let mut reader = CapsuleReader::default();
+    for i in 0..20u8 {
+        send.send_data(Bytes::from(datagram(&[i; 100])), false)
+            .unwrap();
+        assert_eq!(
+            recv_datagrams(&mut body, &mut reader, 1).await,
+            vec![vec![i; 100]]
+        );
+    }
+}
+
+/// `--io-backend mmsg` forces the fallback where io_uring works too.
+#[test]
+fn the_flag_forces_the_fallback() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let p = Proc::start(&[
+        "--listen",
+        &listen,
+        "--workers",
+        "1",
+        "--metrics",
+        "off",
+        "--io-backend",
+        "mmsg",
+    ]);
+    let log = p.log.lock().unwrap().clone();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("datagram I/O backend") && l.contains("mmsg")),
+        "{log}"
+    );
 }

@@ -286,9 +286,20 @@ async fn scraped_counters_match_the_traffic_exactly() {
         ),
         1.0
     );
+    let backend = relay.relay.as_ref().unwrap().io_backend().backend.as_str();
     assert_eq!(
-        t("masque_relay_io_backend_info", &[("backend", "epoll")]),
+        t("masque_relay_io_backend_info", &[("backend", backend)]),
         2.0
+    );
+    // The engine's loop: passes ran, completions were drained, sends went out, and the
+    // pools are reported (buffers are back once the traffic is over).
+    assert!(t("masque_relay_io_loop_passes_total", &[]) > 0.0);
+    assert!(t("masque_relay_io_completions_total", &[]) > 0.0);
+    assert!(t("masque_relay_io_send_messages_total", &[]) > 0.0);
+    let sizes = masque_relay::io::dgram::Sizes::default();
+    assert_eq!(
+        t("masque_relay_buffer_pool_free", &[("pool", "target")]),
+        2.0 * f64::from(sizes.target_buffers)
     );
 
     // The scrape agrees with the in-process counters.

@@ -3,7 +3,12 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-fn set_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+pub(crate) fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` is a live c_int on our stack and we pass its exact size; the kernel only
     // reads `optlen` bytes from `optval` and does not keep the pointer.
     let rc = unsafe {

@@ -5,46 +5,55 @@
 //! third party cannot inject into a flow), and it reports ICMP errors for the flow as socket
 //! errors (ECONNREFUSED and friends), which close the flow.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
 
+use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
 
+use super::dgram::{self, Engine, Received, Role, SockId};
 use super::sockopt;
+use crate::proto::connect_udp::HttpVersion;
 
-/// A connected, non-blocking UDP socket to one target.
+/// A connected UDP socket to one target, served by the worker's datagram engine.
 #[derive(Debug)]
 pub struct FlowSocket {
-    sock: tokio::net::UdpSocket,
+    engine: Rc<Engine>,
+    id: SockId,
     target: SocketAddr,
-}
-
-/// What a receive on the target socket produced.
-#[derive(Debug)]
-pub enum Recv {
-    /// A datagram of this many bytes.
-    Datagram(usize),
-    /// The target (or a router on the way) reported an error: the flow is unusable.
-    TargetError(io::Error),
+    local: SocketAddr,
 }
 
 /// What a send to the target did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sent {
-    Ok,
-    /// The socket buffer is full: the datagram was dropped (no queueing, RFC 9298 §6).
+    /// Queued for this pass's submission. A failure the kernel reports later (a full socket
+    /// buffer, a datagram over the path MTU) is counted by the engine; an ICMP error from an
+    /// earlier datagram surfaces on the next receive and ends the flow.
+    Queued,
+    /// The worker's send queue is full: dropped (no queueing beyond it, RFC 9298 §6).
     WouldBlock,
-    /// Larger than the path MTU allows with DF set: dropped.
-    TooLarge,
-    /// An ICMP error from an earlier datagram surfaced on this send: the flow is unusable.
-    TargetError,
 }
 
 impl FlowSocket {
-    /// Opens a socket connected to `target`: non-blocking, DF set, Not-ECT. Must be called
-    /// inside a tokio runtime.
-    pub fn connect(target: SocketAddr) -> io::Result<Self> {
+    /// Opens a socket connected to `target` (non-blocking, DF set, Not-ECT) and registers it
+    /// with the current worker's engine, relaying for a client on `version`.
+    pub fn connect(target: SocketAddr, version: HttpVersion) -> io::Result<Self> {
+        let engine = dgram::current()?;
+        let sock = Self::open(target)?;
+        let local = sock.local_addr()?;
+        let id = engine.register(sock, Role::Target(version))?;
+        Ok(Self {
+            engine,
+            id,
+            target,
+            local,
+        })
+    }
+
+    /// The socket itself, before registration: options set, bound and connected.
+    pub fn open(target: SocketAddr) -> io::Result<std::net::UdpSocket> {
         let ipv6 = target.is_ipv6();
         let sock = Socket::new(
             Domain::for_address(target),
@@ -67,82 +76,42 @@ impl FlowSocket {
         };
         sock.bind(&SocketAddr::new(unspecified, 0).into())?;
         sock.connect(&target.into())?;
-        let sock = tokio::net::UdpSocket::from_std(sock.into())?;
-        Ok(Self { sock, target })
+        Ok(sock.into())
     }
 
     pub fn target(&self) -> SocketAddr {
         self.target
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.sock.local_addr()
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
     }
 
-    /// Sends one datagram now or drops it; never waits for room.
-    pub fn send(&self, payload: &[u8]) -> Sent {
-        // Straight to send(2) on the non-blocking fd: tokio's try_send would refuse until the
-        // reactor has seen the socket writable once, dropping the first datagrams of every flow.
-        // Write readiness means nothing for UDP anyway; the kernel says EAGAIN when it is full.
-        match socket2::SockRef::from(&self.sock).send(payload) {
-            Ok(_) => Sent::Ok,
-            Err(e) => classify_send_error(&e),
+    /// Queues one datagram (a slice of the buffer it arrived in: no copy); never waits.
+    pub fn send(&self, payload: Bytes) -> Sent {
+        if self.engine.send(self.id, payload) {
+            Sent::Queued
+        } else {
+            Sent::WouldBlock
         }
     }
 
     /// Waits until a datagram (or an error) can be read. Cancel-safe.
     pub async fn readable(&self) {
-        // ICMP errors arrive as EPOLLERR without EPOLLIN, so wait for either. An error from
-        // `ready` itself means the reactor is gone; the next try_recv reports it.
-        let _ = self.sock.ready(Interest::READABLE | Interest::ERROR).await;
+        self.engine.readable(self.id).await
     }
 
-    /// Reads one datagram if one is waiting; `None` when there is nothing more to read now.
-    /// The caller supplies the buffer, so a worker can share one scratch buffer among its flows.
-    pub fn try_recv(&self, buf: &mut [u8]) -> Option<Recv> {
-        // recv(2) directly (through `Read for &Socket`) so that a pending socket error is read
-        // even when only error readiness is set. tokio's `try_io` takes one interest at a time
-        // (a combined mask matches nothing), so datagrams are tried under READABLE and the
-        // pending error under ERROR; each clears its own readiness when the kernel says EAGAIN.
-        let sock = socket2::SockRef::from(&self.sock);
-        loop {
-            let r = match self.sock.try_io(Interest::READABLE, || (&*sock).read(buf)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.sock.try_io(Interest::ERROR, || (&*sock).read(buf))
-                }
-                other => other,
-            };
-            match r {
-                Ok(n) => return Some(Recv::Datagram(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Some(Recv::TargetError(e)),
-            }
-        }
-    }
-
-    /// Waits for the next datagram (or error) from the target. Cancel-safe.
-    pub async fn recv(&self, buf: &mut [u8]) -> Recv {
-        loop {
-            self.readable().await;
-            if let Some(r) = self.try_recv(buf) {
-                return r;
-            }
-        }
-    }
-
-    /// For tests and diagnostics: the raw socket.
-    pub fn socket(&self) -> &tokio::net::UdpSocket {
-        &self.sock
+    /// The next datagram from the target, read in place from the worker's buffer pool (the
+    /// buffer returns to the pool when the `Received` drops), the socket's error (an ICMP
+    /// error: the flow is unusable), or `None` when nothing is waiting.
+    pub fn try_recv(&self) -> Option<io::Result<Received<'_>>> {
+        self.engine.try_recv(self.id)
     }
 }
 
-fn classify_send_error(e: &io::Error) -> Sent {
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Sent::WouldBlock,
-        Some(libc::EMSGSIZE) => Sent::TooLarge,
-        _ if e.kind() == io::ErrorKind::WouldBlock => Sent::WouldBlock,
-        _ => Sent::TargetError,
+impl Drop for FlowSocket {
+    fn drop(&mut self) {
+        self.engine.close(self.id);
     }
 }
 
@@ -150,69 +119,52 @@ fn classify_send_error(e: &io::Error) -> Sent {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn options_are_set_v4() {
+    #[test]
+    fn options_are_set_v4() {
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let s = FlowSocket::connect(peer.local_addr().unwrap()).unwrap();
+        let s = FlowSocket::open(peer.local_addr().unwrap()).unwrap();
         assert_eq!(
-            sockopt::mtu_discover(s.socket(), false).unwrap(),
+            sockopt::mtu_discover(&s, false).unwrap(),
             sockopt::PMTUDISC_DO
         );
-        assert_eq!(sockopt::traffic_class(s.socket(), false).unwrap() & 0x3, 0);
+        assert_eq!(sockopt::traffic_class(&s, false).unwrap() & 0x3, 0);
     }
 
-    #[tokio::test]
-    async fn options_are_set_v6() {
+    #[test]
+    fn options_are_set_v6() {
         let Ok(peer) = std::net::UdpSocket::bind("[::1]:0") else {
             return; // no IPv6 loopback on this machine
         };
-        let s = FlowSocket::connect(peer.local_addr().unwrap()).unwrap();
+        let s = FlowSocket::open(peer.local_addr().unwrap()).unwrap();
         assert_eq!(
-            sockopt::mtu_discover(s.socket(), true).unwrap(),
+            sockopt::mtu_discover(&s, true).unwrap(),
             sockopt::PMTUDISC_DO
         );
-        assert_eq!(sockopt::traffic_class(s.socket(), true).unwrap() & 0x3, 0);
+        assert_eq!(sockopt::traffic_class(&s, true).unwrap() & 0x3, 0);
     }
 
-    #[tokio::test]
-    async fn oversize_is_refused_not_fragmented() {
+    #[test]
+    fn oversize_is_refused_not_fragmented() {
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let s = FlowSocket::connect(peer.local_addr().unwrap()).unwrap();
+        let s = FlowSocket::open(peer.local_addr().unwrap()).unwrap();
         // Loopback's MTU is 65536, so the largest UDP payload fits; the kernel refuses
         // anything over 65507 for IPv4 with EMSGSIZE.
-        assert_eq!(s.send(&vec![0u8; 65_508]), Sent::TooLarge);
-        assert_eq!(s.send(&[1, 2, 3]), Sent::Ok);
+        let e = s.send(&vec![0u8; 65_508]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EMSGSIZE));
+        assert_eq!(s.send(&[1, 2, 3]).unwrap(), 3);
     }
 
-    #[tokio::test]
-    async fn icmp_port_unreachable_surfaces_as_target_error() {
+    #[test]
+    fn foreign_source_is_filtered() {
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = peer.local_addr().unwrap();
-        drop(peer);
-        let s = FlowSocket::connect(addr).unwrap();
-        assert_eq!(s.send(b"hello"), Sent::Ok);
-        let mut buf = [0u8; 16];
-        let r = tokio::time::timeout(std::time::Duration::from_secs(2), s.recv(&mut buf))
-            .await
-            .unwrap();
-        match r {
-            Recv::TargetError(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
-            other => panic!("expected an error, got {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn foreign_source_is_filtered() {
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let s = FlowSocket::connect(peer.local_addr().unwrap()).unwrap();
+        let s = FlowSocket::open(peer.local_addr().unwrap()).unwrap();
+        s.set_nonblocking(false).unwrap();
         let local = s.local_addr().unwrap();
         let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         stranger.send_to(b"spoof", local).unwrap();
         peer.send_to(b"real", local).unwrap();
         let mut buf = [0u8; 16];
-        match s.recv(&mut buf).await {
-            Recv::Datagram(n) => assert_eq!(&buf[..n], b"real"),
-            other => panic!("{other:?}"),
-        }
+        let n = s.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"real");
     }
 }

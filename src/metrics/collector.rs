@@ -191,8 +191,33 @@ const QUIC_SEND_ERRORS: Family = family(
     "QUIC packets the UDP socket did not take (lost; QUIC recovers them).",
 );
 
+const IO_PASSES: Family = family(
+    "masque_relay_io_loop_passes_total",
+    COUNTER,
+    &["worker"],
+    "Datagram engine passes: buffers returned, completions drained, sends submitted.",
+);
+const IO_COMPLETIONS: Family = family(
+    "masque_relay_io_completions_total",
+    COUNTER,
+    &["worker"],
+    "Completions (io_uring) or datagrams read (mmsg) handled by the passes; divide by passes for completions per pass.",
+);
+const IO_SUBMISSIONS: Family = family(
+    "masque_relay_io_send_messages_total",
+    COUNTER,
+    &["worker"],
+    "Send messages handed to the kernel (one GSO message may carry several datagrams).",
+);
+const POOL_FREE: Family = family(
+    "masque_relay_buffer_pool_free",
+    GAUGE,
+    &["worker", "pool"],
+    "Receive buffers free in the worker's pool (target or quic) as of its last pass.",
+);
+
 /// Every family the collector emits, in output order.
-pub const FAMILIES: [&Family; 24] = [
+pub const FAMILIES: [&Family; 28] = [
     &BUILD_INFO,
     &IO_BACKEND_INFO,
     &CONNECTIONS_ACCEPTED,
@@ -217,6 +242,10 @@ pub const FAMILIES: [&Family; 24] = [
     &QUIC_AMPLIFICATION_HELD,
     &QUIC_MISROUTED,
     &QUIC_SEND_ERRORS,
+    &IO_PASSES,
+    &IO_COMPLETIONS,
+    &IO_SUBMISSIONS,
+    &POOL_FREE,
 ];
 
 /// Drop reasons the issue names that no code path produces yet; exported as 0 so dashboards and
@@ -384,7 +413,7 @@ impl Collector for RelayCollector {
 
         let mut b = Builder::new(&IO_BACKEND_INFO);
         for (w, s) in self.workers() {
-            b.value(&[w, s.io_backend], 1);
+            b.value(&[w, s.io_backend()], 1);
         }
         out.push(b.finish());
 
@@ -527,6 +556,9 @@ impl Collector for RelayCollector {
             (&QUIC_AMPLIFICATION_HELD, |s| &s.quic_amplification_held),
             (&QUIC_MISROUTED, |s| &s.quic_misrouted),
             (&QUIC_SEND_ERRORS, |s| &s.quic_send_errors),
+            (&IO_PASSES, |s| &s.io_passes),
+            (&IO_COMPLETIONS, |s| &s.io_completions),
+            (&IO_SUBMISSIONS, |s| &s.io_submissions),
         ] {
             let mut b = Builder::new(family);
             for (w, s) in self.workers() {
@@ -534,6 +566,13 @@ impl Collector for RelayCollector {
             }
             out.push(b.finish());
         }
+
+        let mut b = Builder::new(&POOL_FREE);
+        for (w, s) in self.workers() {
+            b.value(&[w, "target"], s.pool_free[0].get());
+            b.value(&[w, "quic"], s.pool_free[1].get());
+        }
+        out.push(b.finish());
 
         debug_assert_eq!(out.len(), FAMILIES.len());
         out
@@ -724,7 +763,7 @@ mod tests {
         assert_eq!(
             value(
                 f("masque_relay_io_backend_info"),
-                &[("worker", "1"), ("backend", "epoll")]
+                &[("worker", "1"), ("backend", "none")]
             ),
             1.0
         );

@@ -257,16 +257,20 @@ pub enum ConnectionClose {
     ProtocolError,
     /// Reading or writing failed (reset, broken pipe, a TLS error after the handshake).
     IoError,
+    /// The client took none of the relay's bytes for `http2.write_stall_timeout_secs`
+    /// ([`crate::transport::stall`]).
+    WriteStall,
     /// Counted without a reason (the plain [`WorkerStats::connection_closed`]).
     Other,
 }
 
 impl ConnectionClose {
     /// All reasons, in index order.
-    pub const ALL: [ConnectionClose; 4] = [
+    pub const ALL: [ConnectionClose; 5] = [
         ConnectionClose::Normal,
         ConnectionClose::ProtocolError,
         ConnectionClose::IoError,
+        ConnectionClose::WriteStall,
         ConnectionClose::Other,
     ];
 
@@ -276,19 +280,43 @@ impl ConnectionClose {
             ConnectionClose::Normal => "normal",
             ConnectionClose::ProtocolError => "protocol_error",
             ConnectionClose::IoError => "io_error",
+            ConnectionClose::WriteStall => "write_stall",
             ConnectionClose::Other => "other",
         }
     }
 }
 
-/// The I/O backend of the current workers: tokio's reactor, which is epoll on Linux.
-pub const IO_BACKEND_EPOLL: &str = "epoll";
+/// The I/O backend label before a worker has started its datagram engine.
+pub const IO_BACKEND_NONE: &str = "none";
+
+/// A gauge written by one thread and read by any.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
 
 /// One worker's counters and histograms.
 #[derive(Debug)]
 pub struct WorkerStats {
-    /// The I/O backend this worker runs on (an info metric).
-    pub io_backend: &'static str,
+    /// The I/O backend this worker runs on (an info metric), set when its engine starts.
+    io_backend: std::sync::Mutex<&'static str>,
+    /// Datagram engine passes (completions in, submissions out).
+    pub io_passes: Counter,
+    /// Completions (io_uring) or datagrams read (fallback) handled by the passes.
+    pub io_completions: Counter,
+    /// Send messages handed to the kernel by the passes.
+    pub io_submissions: Counter,
+    /// Free receive buffers, per pool (`target`, `quic`), as of the last pass.
+    pub pool_free: [Gauge; 2],
     pub connections_accepted: [Counter; 3],
     /// Connections closed without a reason, by protocol (exported as reason `other`); see
     /// [`WorkerStats::connection_ended`] for the classified ones.
@@ -331,7 +359,11 @@ pub struct WorkerStats {
 impl Default for WorkerStats {
     fn default() -> Self {
         Self {
-            io_backend: IO_BACKEND_EPOLL,
+            io_backend: std::sync::Mutex::new(IO_BACKEND_NONE),
+            io_passes: Counter::default(),
+            io_completions: Counter::default(),
+            io_submissions: Counter::default(),
+            pool_free: Default::default(),
             connections_accepted: Default::default(),
             connections_closed: Default::default(),
             connections_closed_by_reason: Default::default(),
@@ -359,6 +391,15 @@ impl Default for WorkerStats {
 }
 
 impl WorkerStats {
+    /// Records the worker's I/O backend (once, at engine start; never on the data path).
+    pub fn set_io_backend(&self, name: &'static str) {
+        *self.io_backend.lock().unwrap_or_else(|e| e.into_inner()) = name;
+    }
+
+    pub fn io_backend(&self) -> &'static str {
+        *self.io_backend.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn connection_accepted(&self, v: HttpVersion) {
         self.connections_accepted[proto_index(v)].inc();
     }

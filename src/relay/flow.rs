@@ -39,11 +39,17 @@ pub enum DropReason {
     Malformed,
     /// Over the flow's datagram rate (`limits.datagrams_per_second`).
     RateLimit,
+    /// The worker's receive buffer pool had no free buffer (the datagram waited in the socket
+    /// buffer and was lost there, or a socket's backlog of received datagrams was full).
+    NoBuffer,
+    /// Longer than the worker's receive buffers (`io.target_buffer_size`): cut short by the
+    /// kernel, so dropped rather than relayed incomplete.
+    Truncated,
 }
 
 impl DropReason {
     /// All reasons, for metric label enumeration.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::UnknownContext,
         DropReason::TooLarge,
         DropReason::ClientNotReading,
@@ -51,6 +57,8 @@ impl DropReason {
         DropReason::NoFlow,
         DropReason::Malformed,
         DropReason::RateLimit,
+        DropReason::NoBuffer,
+        DropReason::Truncated,
     ];
 
     /// Label used in logs and metrics.
@@ -63,6 +71,8 @@ impl DropReason {
             DropReason::NoFlow => "no_flow",
             DropReason::Malformed => "malformed",
             DropReason::RateLimit => "rate_limit",
+            DropReason::NoBuffer => "buffer_pool_empty",
+            DropReason::Truncated => "truncated_receive",
         }
     }
 }

@@ -26,7 +26,7 @@ use tracing::debug;
 use super::admit::{admit, ConnLimits, Ticket};
 use super::quic::Shared;
 use super::{target, tunnel};
-use crate::io::udp::{FlowSocket, Recv};
+use crate::io::udp::FlowSocket;
 use crate::metrics::Direction;
 use crate::proto::capsule::{self, CapsuleDecoder};
 use crate::proto::connect_udp::{check_request, HttpVersion, Rejection};
@@ -111,10 +111,10 @@ pub(crate) struct H3Conn {
     peer_decoder: Option<StreamId>,
     peer_settings: Option<Settings>,
     uni: HashMap<StreamId, Uni>,
+    /// Flows by request stream: stream IDs are chosen by the client, so SipHash (std's
+    /// randomly keyed default) keeps a peer from steering collisions.
     requests: HashMap<StreamId, Request>,
     held: VecDeque<(Instant, StreamId, Bytes)>,
-    /// Encoding arena for datagrams to the client.
-    arena: BytesMut,
     closed: bool,
     /// The configuration in force when the connection arrived.
     live: Arc<crate::worker::Shared>,
@@ -147,7 +147,6 @@ impl H3Conn {
             uni: HashMap::new(),
             requests: HashMap::new(),
             held: VecDeque::new(),
-            arena: BytesMut::new(),
             closed: false,
             live,
             goaway: None,
@@ -628,7 +627,7 @@ impl H3Conn {
                 let shared = shared.clone();
                 let started = Instant::now();
                 tokio::task::spawn_local(async move {
-                    let opened = target::open(&ctx2, &t).await;
+                    let opened = target::open(&ctx2, &t, VERSION).await;
                     opened_target(&shared, ch, id, opened.map(|s| (s, ticket)), started);
                 });
             }
@@ -663,7 +662,7 @@ impl H3Conn {
     fn client_capsules(
         &mut self,
         req: &mut Request,
-        data: &[u8],
+        data: &Bytes,
         ctx: &WorkerCtx,
     ) -> Option<CloseReason> {
         let ReqState::Open(f) = &mut req.state else {
@@ -674,14 +673,7 @@ impl H3Conn {
         };
         // The client uses capsules: answer in kind.
         f.capsules = true;
-        tunnel::client_capsules(
-            VERSION,
-            &mut f.flow,
-            &mut f.decoder,
-            &f.sock,
-            &ctx.stats,
-            data,
-        )
+        tunnel::client_capsules(&mut f.flow, &mut f.decoder, &f.sock, &ctx.stats, data)
     }
 
     /// QUIC DATAGRAM frames from the client.
@@ -715,7 +707,8 @@ impl H3Conn {
                         continue;
                     };
                     let (flow, sock) = (&mut f.flow, &f.sock);
-                    if let Some(reason) = forward(flow, sock, ctx_id, &payload[m..], now, ctx) {
+                    if let Some(reason) = forward(flow, sock, ctx_id, payload.slice(m..), now, ctx)
+                    {
                         if let Some(mut req) = self.requests.remove(&id) {
                             self.finish_flow(id, &mut req, reason, ctx);
                             self.requests.insert(id, req);
@@ -869,11 +862,14 @@ impl H3Conn {
             ctx.stats.dropped(DropReason::TooLarge);
             return false;
         }
-        self.arena.reserve(len);
-        varint::write(qsid, &mut self.arena);
-        varint::write(0, &mut self.arena);
-        self.arena.put_slice(payload);
-        let d = self.arena.split().freeze();
+        // The one copy of a target datagram on its way to the client: into the worker's
+        // arena, which quinn-proto encrypts from.
+        let d = super::arena::take(super::arena::Use::Tx, len, |b| {
+            varint::write(qsid, b);
+            varint::write(0, b);
+            b.put_slice(payload);
+        })
+        .freeze();
         match self.conn.datagrams().send(d, false) {
             Ok(()) => true,
             Err(quinn_proto::SendDatagramError::Blocked(_)) => {
@@ -893,11 +889,11 @@ fn forward(
     flow: &mut Flow,
     sock: &FlowSocket,
     context_id: u64,
-    payload: &[u8],
+    payload: Bytes,
     now: Instant,
     ctx: &WorkerCtx,
 ) -> Option<CloseReason> {
-    tunnel::forward_to_target(VERSION, flow, sock, context_id, payload, now, &ctx.stats)
+    tunnel::forward_to_target(flow, sock, context_id, payload, now, &ctx.stats)
 }
 
 /// Ends a request's flow, if it has one: stops its reader, closes its socket, counts it.
@@ -1036,7 +1032,8 @@ fn opened_target(
                 }) = c.requests.get_mut(&id)
                 {
                     if let Some((ctx_id, m)) = varint::read(&payload) {
-                        let _ = forward(&mut f.flow, &f.sock, ctx_id, &payload[m..], now, &ctx);
+                        let _ =
+                            forward(&mut f.flow, &f.sock, ctx_id, payload.slice(m..), now, &ctx);
                     }
                 }
             }
@@ -1082,45 +1079,45 @@ async fn flow_reader(shared: Shared, ch: ConnectionHandle, id: StreamId, sock: R
             }
         } else {
             let mut gone = false;
-            tunnel::with_scratch(|buf| {
-                for _ in 0..RECV_BUDGET {
-                    match sock.try_recv(buf) {
-                        None => break,
-                        Some(Recv::TargetError(e)) => {
-                            debug!(target = %sock.target(), error = %e, "target socket error");
-                            close = Some(CloseReason::TargetError);
+            for _ in 0..RECV_BUDGET {
+                match sock.try_recv() {
+                    None => break,
+                    Some(Err(e)) => {
+                        debug!(target = %sock.target(), error = %e, "target socket error");
+                        close = Some(CloseReason::TargetError);
+                        break;
+                    }
+                    Some(Ok(rx)) => {
+                        let data = rx.data();
+                        let n = data.len();
+                        let Some(Request {
+                            state: ReqState::Open(f),
+                            ..
+                        }) = c.requests.get_mut(&id)
+                        else {
+                            gone = true;
                             break;
+                        };
+                        if let Err(r) = f.flow.on_target_datagram(now, n) {
+                            ctx.stats.dropped(r);
+                            continue;
                         }
-                        Some(Recv::Datagram(n)) => {
-                            let Some(Request {
-                                state: ReqState::Open(f),
-                                ..
-                            }) = c.requests.get_mut(&id)
-                            else {
-                                gone = true;
-                                break;
-                            };
-                            if let Err(r) = f.flow.on_target_datagram(now, n) {
-                                ctx.stats.dropped(r);
-                                continue;
-                            }
-                            let sent = c.send_to_client(id, &buf[..n], &ctx);
-                            if let Some(Request {
-                                state: ReqState::Open(f),
-                                ..
-                            }) = c.requests.get_mut(&id)
-                            {
-                                if sent {
-                                    ctx.stats.datagram(VERSION, Direction::ToClient, n);
-                                    f.flow.on_sent_to_client(n);
-                                } else {
-                                    f.flow.on_dropped();
-                                }
+                        let sent = c.send_to_client(id, data, &ctx);
+                        if let Some(Request {
+                            state: ReqState::Open(f),
+                            ..
+                        }) = c.requests.get_mut(&id)
+                        {
+                            if sent {
+                                ctx.stats.datagram(VERSION, Direction::ToClient, n);
+                                f.flow.on_sent_to_client(n);
+                            } else {
+                                f.flow.on_dropped();
                             }
                         }
                     }
                 }
-            });
+            }
             if gone {
                 return;
             }

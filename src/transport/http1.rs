@@ -213,7 +213,7 @@ where
         Err(r) => return refuse(&ctx, &mut io, &r).await,
     };
     let opened = match check_request(&req, &shared.config.uri_template) {
-        Ok(t) => target::open(&ctx, &t).await,
+        Ok(t) => target::open(&ctx, &t, HttpVersion::Http11).await,
         Err(r) => Err(r),
     };
     let sock = match opened {

@@ -4,12 +4,14 @@
 //! The driver follows quinn-proto's contract (see the doc of `quinn_proto::Connection`):
 //!
 //! ```text
-//! socket batch (GRO) --> Endpoint::handle --> NewConnection   -> accept / retry / refuse
+//! engine backlog (GRO train in a pool buffer) --> one copy --> Endpoint::handle --> NewConnection   -> accept / retry / refuse
 //!                                         --> ConnectionEvent -> Connection::handle_event
 //!                                         --> Response        -> send
 //! timer            --> Connection::handle_timeout
 //! then for every connection touched: poll_transmit (GSO) -> poll_timeout -> poll_endpoint_events
 //!                                    (-> Endpoint::handle_event) -> poll (application events, h3)
+//! transmits: written by quinn-proto into an engine send buffer --> Engine::send_to (queued,
+//!            submitted with the pass)
 //! ```
 //!
 //! Everything runs on the worker's thread. The HTTP/3 sessions live in [`super::h3`]; tasks of
@@ -17,23 +19,22 @@
 //! `Rc<RefCell<..>>` and wake it with a `Notify`, never across threads.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::io::IoSliceMut;
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use quinn_proto::{
     ConnectionHandle, ConnectionId, ConnectionIdGenerator, DatagramEvent, Endpoint, EndpointConfig,
     IdleTimeout, MtuDiscoveryConfig, ServerConfig, TransportConfig, VarInt,
 };
-use quinn_udp::RecvMeta;
 use rand::Rng;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::h3::H3Conn;
+use crate::io::dgram::{self, Engine, Role, SockId};
 use crate::io::quic_socket::QuicSocket;
 use crate::proto::connect_udp::HttpVersion;
 use crate::transport::tls::{self, Identity, TlsError};
@@ -43,8 +44,6 @@ use crate::worker::{Phase, WorkerCtx};
 pub const ALPN_H3: &[u8] = b"h3";
 /// Length of the connection IDs the relay issues.
 pub const CID_LEN: usize = 8;
-/// Receive buffers per socket batch.
-const BATCH: usize = 8;
 /// Datagram events handled per wake-up before transmits and timers get their turn.
 const RECV_BUDGET: usize = 64;
 
@@ -191,11 +190,17 @@ pub(crate) type Shared = Rc<RefCell<QuicDriver>>;
 /// One worker's endpoint, socket and connections.
 pub(crate) struct QuicDriver {
     pub ctx: WorkerCtx,
-    socket: Rc<QuicSocket>,
+    engine: Rc<Engine>,
+    sock: SockId,
+    max_gso: usize,
     endpoint: Endpoint,
-    pub conns: HashMap<ConnectionHandle, H3Conn>,
+    /// The flow table's first level: connections by handle. Handles are quinn-proto's own
+    /// indices, never chosen by a peer, so they are hashed with Fx; the second level (requests
+    /// by stream ID, in `H3Conn`) is keyed by peer-chosen IDs and keeps SipHash. A datagram's
+    /// lookup is two O(1) probes, on this worker's thread only.
+    pub conns: FxHashMap<ConnectionHandle, H3Conn>,
     /// Connections with work to do (events handled, data written) since their last poll.
-    dirty: HashSet<ConnectionHandle>,
+    dirty: FxHashSet<ConnectionHandle>,
     /// Every connection's next deadline, soonest first, so a pass looks at expired ones only.
     timers: BTreeSet<(Instant, ConnectionHandle)>,
     /// Wakes the driver task after another task touched a connection.
@@ -203,8 +208,6 @@ pub(crate) struct QuicDriver {
     workers: usize,
     /// New connections are refused, and connections close once their flows are done.
     draining: bool,
-    send_buf: Vec<u8>,
-    response_buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for QuicDriver {
@@ -219,7 +222,9 @@ impl std::fmt::Debug for QuicDriver {
 impl QuicDriver {
     pub fn new(
         ctx: WorkerCtx,
-        socket: Rc<QuicSocket>,
+        engine: Rc<Engine>,
+        socket: &QuicSocket,
+        sock: SockId,
         server: Arc<ServerConfig>,
         workers: usize,
     ) -> Self {
@@ -228,18 +233,23 @@ impl QuicDriver {
         ec.cid_generator(move || Box::new(WorkerCid::new(id, n)));
         let allow_mtud = !socket.may_fragment();
         let endpoint = Endpoint::new(Arc::new(ec), Some(server), allow_mtud, None);
+        let max_gso = if engine.gso() {
+            socket.max_gso_segments()
+        } else {
+            1
+        };
         QuicDriver {
             ctx,
-            socket,
+            engine,
+            sock,
+            max_gso,
             endpoint,
-            conns: HashMap::new(),
-            dirty: HashSet::new(),
+            conns: FxHashMap::default(),
+            dirty: FxHashSet::default(),
             timers: BTreeSet::new(),
             wake: Rc::new(Notify::new()),
             workers,
             draining: false,
-            send_buf: Vec::with_capacity(64 * 1024),
-            response_buf: Vec::new(),
         }
     }
 
@@ -248,73 +258,72 @@ impl QuicDriver {
         self.dirty.insert(ch);
     }
 
-    /// Reads what the socket holds (bounded), feeding the endpoint and connections.
-    fn recv(&mut self, now: Instant, bufs: &mut [Vec<u8>]) {
+    /// Reads what the engine received for the socket (bounded), feeding the endpoint and
+    /// connections.
+    fn recv(&mut self, now: Instant) {
+        let engine = self.engine.clone();
         let mut handled = 0;
         while handled < RECV_BUDGET {
-            let mut meta = [RecvMeta::default(); BATCH];
-            let n = {
-                let mut slices: Vec<IoSliceMut<'_>> =
-                    bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                match self.socket.try_recv(&mut slices, &mut meta) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        debug!(worker = self.ctx.id, error = %e, "QUIC socket receive failed");
-                        0
-                    }
+            let rx = match engine.try_recv(self.sock) {
+                None => return,
+                Some(Ok(rx)) => rx,
+                Some(Err(e)) => {
+                    debug!(worker = self.ctx.id, error = %e, "QUIC socket receive failed");
+                    return;
                 }
             };
-            if n == 0 {
-                return;
-            }
-            for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
-                let stride = m.stride.max(1);
-                for seg in buf[..m.len].chunks(stride) {
-                    handled += 1;
-                    self.handle_packet(now, m, seg);
-                }
+            let Some(addr) = rx.addr else {
+                continue;
+            };
+            for seg in rx.datagrams() {
+                handled += 1;
+                self.handle_packet(now, addr, rx.info.dst_ip, rx.info.ecn, seg);
             }
         }
     }
 
-    fn handle_packet(&mut self, now: Instant, meta: &RecvMeta, seg: &[u8]) {
+    fn handle_packet(
+        &mut self,
+        now: Instant,
+        addr: std::net::SocketAddr,
+        dst_ip: Option<std::net::IpAddr>,
+        ecn: u8,
+        seg: &[u8],
+    ) {
         if self.misrouted(seg) {
             // Never answer another worker's packet with a stateless reset on a guess.
             self.ctx.stats.quic_misrouted.inc();
             return;
         }
-        let ecn = meta
-            .ecn
-            .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+        let ecn = quinn_proto::EcnCodepoint::from_bits(ecn);
         // A Handshake packet from the client proves its address (RFC 9000 §8.1).
         let validates = seg
             .first()
             .is_some_and(|b| b & 0x80 != 0 && (b >> 4) & 0x3 == 0x2);
-        // The one copy on receive: into the buffer quinn-proto decrypts in place.
-        let data = BytesMut::from(seg);
-        self.response_buf.clear();
-        match self.endpoint.handle(
-            now,
-            meta.addr,
-            meta.dst_ip,
-            ecn,
-            data,
-            &mut self.response_buf,
-        ) {
+        // The one copy on receive: into the worker's arena, which quinn-proto decrypts in
+        // place and slices the DATAGRAM payloads from.
+        let data = super::arena::take(super::arena::Use::Rx, seg.len(), |b| {
+            b.extend_from_slice(seg)
+        });
+        let mut response = self.engine.tx_buf();
+        match self
+            .endpoint
+            .handle(now, addr, dst_ip, ecn, data, &mut response)
+        {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                self.engine.give_back_tx_buf(response);
                 if let Some(c) = self.conns.get_mut(&ch) {
                     c.amplification.received(seg.len(), validates);
                     c.conn.handle_event(ev);
                     self.dirty.insert(ch);
                 }
             }
-            Some(DatagramEvent::NewConnection(incoming)) => self.incoming(now, incoming, seg.len()),
-            Some(DatagramEvent::Response(t)) => {
-                let buf = std::mem::take(&mut self.response_buf);
-                self.send(&t, &buf);
-                self.response_buf = buf;
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                self.engine.give_back_tx_buf(response);
+                self.incoming(now, incoming, seg.len())
             }
-            None => {}
+            Some(DatagramEvent::Response(t)) => self.send(&t, response),
+            None => self.engine.give_back_tx_buf(response),
         }
     }
 
@@ -343,33 +352,28 @@ impl QuicDriver {
             .values()
             .filter(|c| c.conn.is_handshaking())
             .count();
-        self.response_buf.clear();
+        let mut response = self.engine.tx_buf();
         if self.draining || self.conns.len() >= h3.max_connections_per_worker {
             self.ctx
                 .stats
                 .handshake_failure(crate::metrics::HandshakeFailure::Refused);
-            let t = self.endpoint.refuse(incoming, &mut self.response_buf);
-            let buf = std::mem::take(&mut self.response_buf);
-            self.send(&t, &buf);
-            self.response_buf = buf;
+            let t = self.endpoint.refuse(incoming, &mut response);
+            self.send(&t, response);
             return;
         }
         if pending >= h3.retry_threshold
             && !incoming.remote_address_validated()
             && incoming.may_retry()
         {
-            if let Ok(t) = self.endpoint.retry(incoming, &mut self.response_buf) {
-                let buf = std::mem::take(&mut self.response_buf);
-                self.send(&t, &buf);
-                self.response_buf = buf;
+            match self.endpoint.retry(incoming, &mut response) {
+                Ok(t) => self.send(&t, response),
+                Err(_) => self.engine.give_back_tx_buf(response),
             }
             return;
         }
-        match self
-            .endpoint
-            .accept(incoming, now, &mut self.response_buf, None)
-        {
+        match self.endpoint.accept(incoming, now, &mut response, None) {
             Ok((ch, conn)) => {
+                self.engine.give_back_tx_buf(response);
                 debug!(worker = self.ctx.id, remote = %conn.remote_address(), "QUIC connection accepted");
                 let mut c = H3Conn::new(conn, now, live.clone());
                 c.amplification.received(len, validated);
@@ -381,29 +385,30 @@ impl QuicDriver {
                     .stats
                     .handshake_failure(crate::metrics::HandshakeFailure::Tls);
                 debug!(worker = self.ctx.id, error = %e.cause, "QUIC connection not accepted");
-                if let Some(t) = e.response {
-                    let buf = std::mem::take(&mut self.response_buf);
-                    self.send(&t, &buf);
-                    self.response_buf = buf;
+                match e.response {
+                    Some(t) => self.send(&t, response),
+                    None => self.engine.give_back_tx_buf(response),
                 }
             }
         }
     }
 
-    fn send(&self, t: &quinn_proto::Transmit, buf: &[u8]) {
-        let transmit = quinn_udp::Transmit {
-            destination: t.destination,
-            ecn: t
-                .ecn
-                .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
-            contents: &buf[..t.size],
-            segment_size: t.segment_size,
-            src_ip: t.src_ip,
-        };
-        if let Err(e) = self.socket.try_send(&transmit) {
-            // A full socket buffer loses the packet like the network would; QUIC recovers it.
-            self.ctx.stats.quic_send_errors.inc();
-            debug!(worker = self.ctx.id, error = %e, "QUIC send failed");
+    /// Queues a transmit; `buf` holds it (quinn-proto wrote it there) and goes to the kernel
+    /// as is.
+    fn send(&self, t: &quinn_proto::Transmit, mut buf: Vec<u8>) {
+        buf.truncate(t.size);
+        let queued = self.engine.send_to(
+            self.sock,
+            dgram::Transmit {
+                dest: t.destination,
+                buf,
+                segment_size: t.segment_size,
+                ecn: t.ecn.map_or(0, |e| e as u8),
+                src_ip: t.src_ip,
+            },
+        );
+        if !queued {
+            debug!(worker = self.ctx.id, "QUIC send queue full");
         }
     }
 
@@ -438,7 +443,7 @@ impl QuicDriver {
 
     /// Polls every dirty connection until it has nothing more to say.
     fn drive_dirty(&mut self, now: Instant, this: &Shared) {
-        let max_gso = self.socket.max_gso_segments();
+        let max_gso = self.max_gso;
         while let Some(&ch) = self.dirty.iter().next() {
             self.dirty.remove(&ch);
             let Some(mut c) = self.conns.remove(&ch) else {
@@ -447,8 +452,8 @@ impl QuicDriver {
             loop {
                 // 1. transmit (GSO batches)
                 loop {
-                    self.send_buf.clear();
-                    match c.conn.poll_transmit(now, max_gso, &mut self.send_buf) {
+                    let mut buf = self.engine.tx_buf();
+                    match c.conn.poll_transmit(now, max_gso, &mut buf) {
                         Some(mut t) => {
                             let ok = c
                                 .amplification
@@ -460,15 +465,17 @@ impl QuicDriver {
                                 // said more.
                                 self.ctx.stats.quic_amplification_held.inc();
                                 if ok == 0 {
+                                    self.engine.give_back_tx_buf(buf);
                                     break;
                                 }
                                 t.size = ok;
                             }
-                            let buf = std::mem::take(&mut self.send_buf);
-                            self.send(&t, &buf);
-                            self.send_buf = buf;
+                            self.send(&t, buf);
                         }
-                        None => break,
+                        None => {
+                            self.engine.give_back_tx_buf(buf);
+                            break;
+                        }
                     }
                 }
                 // 2. timer
@@ -519,6 +526,14 @@ impl QuicDriver {
     }
 }
 
+/// Configures the QUIC socket (GRO, ECN, packet info, DF) and hands it to the worker's engine.
+fn register(socket: std::net::UdpSocket) -> std::io::Result<(Rc<Engine>, QuicSocket, SockId)> {
+    let engine = dgram::current()?;
+    let q = QuicSocket::new(&socket)?;
+    let id = engine.register(socket, Role::Quic)?;
+    Ok((engine, q, id))
+}
+
 /// Runs the worker's QUIC side until shutdown.
 pub(crate) async fn run(
     ctx: WorkerCtx,
@@ -526,20 +541,20 @@ pub(crate) async fn run(
     server: Arc<ServerConfig>,
     workers: usize,
 ) {
-    let socket = match QuicSocket::new(socket) {
-        Ok(s) => Rc::new(s),
+    let (engine, quic_socket, sock) = match register(socket) {
+        Ok(x) => x,
         Err(e) => {
             warn!(worker = ctx.id, error = %e, "cannot register the QUIC socket");
             return;
         }
     };
-    let buf_len = 65_536.max(1500 * socket.gro_segments());
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; buf_len]).collect();
     let mut phase = ctx.phase.clone();
     let mut live = ctx.live.clone();
     let driver: Shared = Rc::new(RefCell::new(QuicDriver::new(
         ctx,
-        socket.clone(),
+        engine.clone(),
+        &quic_socket,
+        sock,
         server,
         workers,
     )));
@@ -573,13 +588,13 @@ pub(crate) async fn run(
                     driver.borrow_mut().endpoint.set_server_config(quic);
                 }
             }
-            () = socket.readable() => {}
+            () = engine.readable(sock) => {}
             () = wake.notified() => {}
             () = sleep => {}
         }
         let now = Instant::now();
         let mut d = driver.borrow_mut();
-        d.recv(now, &mut bufs);
+        d.recv(now);
         d.timeouts(now);
         d.drive_dirty(now, &driver);
     }

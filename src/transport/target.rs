@@ -11,6 +11,7 @@ use std::pin::Pin;
 use tracing::debug;
 
 use crate::io::udp::FlowSocket;
+use crate::proto::connect_udp::HttpVersion;
 use crate::proto::connect_udp::Rejection;
 use crate::proto::sf::ProxyError;
 use crate::proto::target::{Target, TargetHost};
@@ -42,7 +43,11 @@ impl Resolve for SystemResolver {
 }
 
 /// Resolves, checks and connects.
-pub(crate) async fn open(ctx: &WorkerCtx, target: &Target) -> Result<FlowSocket, Rejection> {
+pub(crate) async fn open(
+    ctx: &WorkerCtx,
+    target: &Target,
+    version: HttpVersion,
+) -> Result<FlowSocket, Rejection> {
     let shared = ctx.shared();
     let addrs: Vec<SocketAddr> = match &target.host {
         TargetHost::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
@@ -88,7 +93,7 @@ pub(crate) async fn open(ctx: &WorkerCtx, target: &Target) -> Result<FlowSocket,
             denied.get_or_insert(reason);
             continue;
         }
-        match FlowSocket::connect(addr) {
+        match FlowSocket::connect(addr, version) {
             Ok(sock) => return Ok(sock),
             Err(e) => {
                 debug!(%addr, error = %e, "cannot open target socket");

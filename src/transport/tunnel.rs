@@ -6,13 +6,14 @@
 //!
 //! ```text
 //! client bytes --ClientRecv::recv--> CapsuleDecoder --Flow::on_client_datagram--> FlowSocket::send
-//! FlowSocket::try_recv (worker scratch buffer) --Flow::on_target_datagram--> ClientSend::try_send
+//!   (the payload as a slice of the decrypted chunk: no copy)
+//! FlowSocket::try_recv (a pool buffer, read in place) --Flow::on_target_datagram-->
+//!   ClientSend::try_send_datagram (the one copy, into the client's framing)
 //! ```
 //!
 //! Nothing here waits to build a batch (RFC 9298 §6) and nothing queues without bound: a datagram
 //! the target socket or the client side cannot take right now is dropped and counted.
 
-use std::cell::RefCell;
 use std::io;
 use std::pin::pin;
 use std::time::Instant;
@@ -20,28 +21,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::debug;
 
-use crate::io::udp::{FlowSocket, Recv, Sent};
+use crate::io::udp::{FlowSocket, Sent};
 use crate::metrics::{Direction, WorkerStats};
-use crate::proto::capsule::{CapsuleDecoder, Event, MAX_UDP_PAYLOAD};
+use crate::proto::capsule::{CapsuleDecoder, Event};
 use crate::proto::connect_udp::HttpVersion;
 use crate::relay::flow::{ClientDatagram, CloseReason, DropReason, Flow};
 use crate::worker::WorkerCtx;
 
 /// Target datagrams read per wake-up of one flow before the others get a turn.
 const RECV_BUDGET: usize = 64;
-
-thread_local! {
-    /// One receive buffer per worker thread, shared by all its flows: a flow reads a datagram,
-    /// encodes it for the client and gives the buffer back before it next awaits.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_UDP_PAYLOAD + 1]);
-}
-
-/// Runs `f` with the worker's shared receive buffer (large enough for any UDP payload). A flow
-/// holds it only between two awaits, so one buffer per worker serves every flow and an idle
-/// flow costs no receive buffer at all.
-pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
-    SCRATCH.with_borrow_mut(|buf| f(buf))
-}
 
 /// Why the client side is gone.
 #[derive(Debug, thiserror::Error)]
@@ -97,15 +85,15 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     let mut phase = ctx.phase.clone();
     let mut idle = pin!(tokio::time::sleep_until(flow.poll_timeout().into()));
 
-    let mut reason = first_chunk
-        .and_then(|c| client_capsules(version, &mut flow, &mut decoder, &sock, stats, &c));
+    let mut reason =
+        first_chunk.and_then(|c| client_capsules(&mut flow, &mut decoder, &sock, stats, &c));
     while reason.is_none() {
         reason = tokio::select! {
             biased;
             () = crate::worker::reached(&mut phase, crate::worker::Phase::Stop) => Some(CloseReason::Drain),
             chunk = recv.recv() => match chunk {
                 Ok(Some(chunk)) => {
-                    let r = client_capsules(version, &mut flow, &mut decoder, &sock, stats, &chunk);
+                    let r = client_capsules(&mut flow, &mut decoder, &sock, stats, &chunk);
                     recv.release(chunk.len());
                     r
                 }
@@ -161,27 +149,24 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
 /// Sends one HTTP Datagram payload from the client to the target, as the flow decides;
 /// returns a close reason if the flow must end. Shared by every transport: QUIC DATAGRAM
 /// frames and capsules alike end up here.
+/// The payload is a slice of the buffer it was decrypted into; it is sent from there. Datagrams
+/// are counted as relayed when the kernel has taken them (by the datagram engine).
 pub(crate) fn forward_to_target(
-    version: HttpVersion,
     flow: &mut Flow,
     sock: &FlowSocket,
     context_id: u64,
-    payload: &[u8],
+    payload: Bytes,
     now: Instant,
     stats: &WorkerStats,
 ) -> Option<CloseReason> {
-    match flow.on_client_datagram(now, context_id, payload.len() as u64) {
+    let len = payload.len();
+    match flow.on_client_datagram(now, context_id, len as u64) {
         ClientDatagram::Forward => match sock.send(payload) {
-            Sent::Ok => stats.datagram(version, Direction::ToTarget, payload.len()),
+            Sent::Queued => {}
             Sent::WouldBlock => {
-                flow.on_target_send_failed(payload.len());
+                flow.on_target_send_failed(len);
                 stats.dropped(DropReason::TargetBusy);
             }
-            Sent::TooLarge => {
-                flow.on_target_send_failed(payload.len());
-                stats.dropped(DropReason::TooLarge);
-            }
-            Sent::TargetError => return Some(CloseReason::TargetError),
         },
         ClientDatagram::Drop(r) => stats.dropped(r),
         ClientDatagram::Abort => return Some(CloseReason::ClientProtocolError),
@@ -192,12 +177,11 @@ pub(crate) fn forward_to_target(
 /// Decodes one chunk of a client's capsule stream and forwards its datagrams; returns a close
 /// reason if the flow must end (a malformed capsule, an oversize payload, a target error).
 pub(crate) fn client_capsules(
-    version: HttpVersion,
     flow: &mut Flow,
     decoder: &mut CapsuleDecoder,
     sock: &FlowSocket,
     stats: &WorkerStats,
-    chunk: &[u8],
+    chunk: &Bytes,
 ) -> Option<CloseReason> {
     let now = Instant::now();
     let mut close = None;
@@ -209,7 +193,10 @@ pub(crate) fn client_capsules(
             Event::Datagram {
                 context_id,
                 payload,
-            } => close = forward_to_target(version, flow, sock, context_id, payload, now, stats),
+            } => {
+                let payload = share(chunk, payload);
+                close = forward_to_target(flow, sock, context_id, payload, now, stats)
+            }
             Event::DatagramTooLarge {
                 context_id,
                 payload_len,
@@ -235,6 +222,17 @@ pub(crate) fn client_capsules(
     close
 }
 
+/// The payload as a `Bytes`: a slice of the chunk when it lies inside it (no copy); a copy
+/// only for a capsule the decoder had to reassemble across chunks.
+fn share(chunk: &Bytes, payload: &[u8]) -> Bytes {
+    let (c, p) = (chunk.as_ptr() as usize, payload.as_ptr() as usize);
+    if p >= c && p + payload.len() <= c + chunk.len() {
+        chunk.slice_ref(payload)
+    } else {
+        Bytes::copy_from_slice(payload)
+    }
+}
+
 /// Drains what the target socket holds (up to a budget) towards the client.
 fn target_ready<S: ClientSend>(
     version: HttpVersion,
@@ -244,27 +242,27 @@ fn target_ready<S: ClientSend>(
     ctx: &WorkerCtx,
 ) -> Option<CloseReason> {
     let stats = &*ctx.stats;
-    SCRATCH.with_borrow_mut(|buf| {
-        for _ in 0..RECV_BUDGET {
-            match sock.try_recv(buf) {
-                None => return None,
-                Some(Recv::TargetError(e)) => {
-                    debug!(target = %sock.target(), error = %e, "target socket error");
-                    return Some(CloseReason::TargetError);
-                }
-                Some(Recv::Datagram(n)) => {
-                    if let Err(r) = flow.on_target_datagram(Instant::now(), n) {
-                        stats.dropped(r);
-                    } else if send.try_send_datagram(&buf[..n]) {
-                        flow.on_sent_to_client(n);
-                        stats.datagram(version, Direction::ToClient, n);
-                    } else {
-                        flow.on_dropped();
-                        stats.dropped(DropReason::ClientNotReading);
-                    }
+    for _ in 0..RECV_BUDGET {
+        match sock.try_recv() {
+            None => return None,
+            Some(Err(e)) => {
+                debug!(target = %sock.target(), error = %e, "target socket error");
+                return Some(CloseReason::TargetError);
+            }
+            Some(Ok(rx)) => {
+                let d = rx.data();
+                let n = d.len();
+                if let Err(r) = flow.on_target_datagram(Instant::now(), n) {
+                    stats.dropped(r);
+                } else if send.try_send_datagram(d) {
+                    flow.on_sent_to_client(n);
+                    stats.datagram(version, Direction::ToClient, n);
+                } else {
+                    flow.on_dropped();
+                    stats.dropped(DropReason::ClientNotReading);
                 }
             }
         }
-        None
-    })
+    }
+    None
 }

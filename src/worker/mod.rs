@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::Checked;
+use crate::io::dgram::{Backend, Engine, Sizes};
 use crate::metrics::{ConnectionClose, HandshakeFailure, WorkerStats};
 use crate::proto::connect_udp::HttpVersion;
 use crate::relay::policy::TargetPolicy;
@@ -92,6 +93,7 @@ pub fn run(
     listener: TcpListener,
     quic: Option<(Arc<quinn_proto::ServerConfig>, std::net::UdpSocket)>,
     core: Option<core_affinity::CoreId>,
+    (backend, sizes): (Backend, Sizes),
 ) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core) {
@@ -114,6 +116,25 @@ pub fn run(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        // The datagram engine serves every UDP socket of this worker.
+        let engine = match Engine::install(backend, sizes, ctx.stats.clone()) {
+            Ok(e) => e,
+            Err(e) if backend == Backend::Uring => {
+                warn!(worker = ctx.id, error = %e, "io_uring engine failed; using the fallback");
+                match Engine::install(Backend::Mmsg, sizes, ctx.stats.clone()) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        warn!(worker = ctx.id, error = %e, "cannot start the datagram engine");
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(worker = ctx.id, error = %e, "cannot start the datagram engine");
+                return;
+            }
+        };
+        let pump = tokio::task::spawn_local(engine.clone().run());
         let quic = quic.map(|(server, socket)| {
             let workers = ctx.shared().config.workers;
             tokio::task::spawn_local(crate::transport::quic::run(
@@ -139,7 +160,14 @@ pub fn run(
         while stats.flows_open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        // Last sends (CONNECTION_CLOSE frames) go out with a final pass.
+        engine.pass();
+        pump.abort();
     });
+    // Tasks still holding sockets are dropped with the LocalSet; the engine goes with its last
+    // user, after the kernel has finished with its buffers.
+    drop(local);
+    Engine::uninstall();
 }
 
 async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
@@ -188,6 +216,13 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
             let timeout = shared.config.handshake_timeout;
             let started = std::time::Instant::now();
+            // Under TLS, so progress means bytes the kernel took, not bytes rustls buffered: a
+            // client that reads none of them for this long is cut (SECURITY.md 7).
+            let tcp = crate::transport::stall::StallGuard::new(
+                tcp,
+                shared.config.http2.write_stall_timeout(),
+            );
+            let stalled = tcp.stalled();
             let tls = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
             drop(in_handshake);
             let tls = match tls {
@@ -235,6 +270,11 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
             if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
+            let why = if stalled.get() {
+                ConnectionClose::WriteStall
+            } else {
+                why
+            };
             ctx.stats.connection_ended(version, why);
         });
     }

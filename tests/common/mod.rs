@@ -20,6 +20,18 @@ use tokio::net::TcpStream;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The datagram backend the relays of this test binary run on. Every loopback test file runs
+/// twice: as itself (io_uring when this machine offers it, `auto`) and through a `*_mmsg.rs`
+/// twin that includes it as a module named `on_mmsg`, which runs it on the recvmmsg/sendmmsg
+/// fallback. The twin's module path is how the harness tells them apart.
+pub fn io_backend() -> masque_relay::io::dgram::Choice {
+    if module_path!().contains("on_mmsg") {
+        masque_relay::io::dgram::Choice::Mmsg
+    } else {
+        masque_relay::io::dgram::Choice::Auto
+    }
+}
+
 /// A relay running in this process, with the PEM files of its certificate.
 pub struct TestRelay {
     pub relay: Option<Relay>,
@@ -58,8 +70,12 @@ impl TestRelay {
             metrics: "127.0.0.1:0".to_owned(),
             ..Config::default()
         };
+        cfg.io.backend = io_backend();
         f(&mut cfg);
         let relay = Relay::start_with_resolver(cfg.validate().unwrap(), resolver).unwrap();
+        if io_backend() == masque_relay::io::dgram::Choice::Mmsg {
+            assert_eq!(relay.io_backend().backend.as_str(), "mmsg");
+        }
         let addr = relay.local_addr();
 
         let mut roots = rustls::RootCertStore::empty();
