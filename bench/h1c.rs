@@ -218,6 +218,7 @@ async fn sender(ctx: &Ctx, group: &RefCell<Group>, replies: &Notify) {
                     permit.send(b.freeze());
                     true
                 });
+                rec.timed_out += load.take_timeouts();
             }
             for i in dead {
                 queues[i] = None;

@@ -277,6 +277,7 @@ async fn sender(ctx: &Ctx, group: &RefCell<Group>, replies: &Notify, base: usize
                         }
                     }
                 });
+                rec.timed_out += load.take_timeouts();
             }
             for i in dead {
                 load.close_flow(i);

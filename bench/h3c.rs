@@ -46,9 +46,32 @@ const SEND_BUDGET: usize = 64;
 /// Bytes of DATAGRAM frames quinn may hold per connection before `send` says blocked: small,
 /// so the client does not add its own queueing delay to the round trip.
 const DATAGRAM_SEND_BUFFER: usize = 256 * 1024;
+/// Bytes in one GSO send at most: a UDP datagram's 65,507-byte limit, with room to spare.
+/// quinn-proto fills `max_datagrams` segments of the current MTU without looking at the total,
+/// and the kernel refuses a larger train whole (EMSGSIZE).
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// Segments per GSO send at an MTU of `mtu` bytes, at most `max_gso`.
+pub fn gso_segments(max_gso: usize, mtu: u16) -> usize {
+    max_gso.min(MAX_GSO_BYTES / usize::from(mtu).max(1)).max(1)
+}
+
+/// The smallest UDP payload the client assumes the path carries: 1350 bytes, or enough for one
+/// DATAGRAM frame of `size` payload bytes (quarter stream ID, context ID, frame header, short
+/// packet header and AEAD tag fit in 64 bytes).
+pub fn path_mtu(size: usize) -> u16 {
+    (size + 64).clamp(1350, 65_527) as u16
+}
 
 /// The QUIC client configuration: HTTP/3 ALPN, DATAGRAM frames on, 1350-byte first packets so
 /// 1200-byte payloads fit at once, no streams opened by the relay except unidirectional ones.
+///
+/// The MTU never falls below that either (`min_mtu`): quinn's black-hole detection takes a
+/// burst of lost full-size packets for an MTU problem and drops to 1200 bytes for a minute
+/// (`black_hole_cooldown`), after which no 1200-byte payload fits in a DATAGRAM frame. A
+/// closed-loop window of 64 x 1200 B lost whole (the client's own GSO train used to exceed the
+/// UDP size limit, see [`gso_segments`]; a relay whose socket refuses a burst of echoes does the
+/// same) used to end the run that way: "datagram too large", and the client stopped.
 pub fn client_config(ctx: &Ctx) -> Result<ClientConfig, BenchError> {
     let tls = crate::tls::client_config(ctx.spec.insecure, ctx.spec.ca.as_deref(), b"h3")?;
     let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -59,7 +82,8 @@ pub fn client_config(ctx: &Ctx) -> Result<ClientConfig, BenchError> {
         .max_concurrent_uni_streams(VarInt::from_u32(16))
         .datagram_receive_buffer_size(Some(4 << 20))
         .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
-        .initial_mtu(1350)
+        .initial_mtu(path_mtu(ctx.spec.size))
+        .min_mtu(path_mtu(ctx.spec.size))
         .mtu_discovery_config(Some(MtuDiscoveryConfig::default()))
         .enable_segmentation_offload(true)
         .keep_alive_interval(Some(Duration::from_secs(5)))
@@ -107,6 +131,9 @@ struct Conn {
     timeout: Option<Instant>,
     connected: bool,
     lost: bool,
+    /// A DATAGRAM frame was queued: a later "too large" is the path MTU shrinking, not a
+    /// payload that never fits.
+    datagram_sent: bool,
     /// The HEADERS frame every flow sends.
     request: Bytes,
 }
@@ -140,6 +167,7 @@ impl Conn {
             timeout: None,
             connected: false,
             lost: false,
+            datagram_sent: false,
             request: Bytes::new(),
         }
     }
@@ -405,11 +433,13 @@ impl Conn {
             flows,
             load,
             base,
+            datagram_sent,
             ..
         } = self;
         let size = ctx.spec.size;
         let mut rec = ctx.rec.borrow_mut();
         let mut fatal = None;
+        let mut shrunk = false;
         let n = load.poll(now, SEND_BUDGET, |i| {
             let mut b = BytesMut::with_capacity(size + 16);
             varint::write(flows[i].quarter, &mut b);
@@ -417,10 +447,21 @@ impl Conn {
             let start = b.len();
             b.resize(start + size, 0);
             rec.fill(now, (*base + i) as u32, &mut b[start..]);
-            match conn.datagrams().send(b.freeze(), false) {
-                Ok(()) => true,
+            // A second handle (a reference count) for the refusal below.
+            let d = b.freeze();
+            match conn.datagrams().send(d.clone(), false) {
+                Ok(()) => {
+                    *datagram_sent = true;
+                    true
+                }
                 Err(SendDatagramError::Blocked(d)) => {
                     rec.unsend(&d[start..]);
+                    false
+                }
+                Err(SendDatagramError::TooLarge) if *datagram_sent => {
+                    // The path MTU went down after all: not sent, tried again later.
+                    rec.unsend(&d[start..]);
+                    shrunk = true;
                     false
                 }
                 Err(e) => {
@@ -429,6 +470,13 @@ impl Conn {
                 }
             }
         });
+        if shrunk {
+            ctx.error(format!(
+                "a DATAGRAM frame of {size} bytes no longer fits (the path MTU went down): \
+                 not sent, tried again later"
+            ));
+        }
+        rec.timed_out += load.take_timeouts();
         if let Some(e) = fatal {
             ctx.error(format!("cannot send a DATAGRAM frame of {size} bytes: {e}"));
             ctx.stop.set(true);
@@ -624,13 +672,17 @@ pub async fn run(ctx: Rc<Ctx>) -> Result<(), BenchError> {
         if let Some((t, b)) = pending.take() {
             match sock.send(&t, &b) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => pending = Some((t, b)),
-                _ => {}
+                Err(e) => ctx.error(format!("UDP send of {} bytes: {e}", t.size)),
+                Ok(()) => {}
             }
         }
         for c in &mut conns {
             while pending.is_none() {
                 send_buf.clear();
-                let Some(t) = c.conn.poll_transmit(now, max_gso, &mut send_buf) else {
+                // 64 segments of 1350 bytes would be 86 KB: the kernel would drop the whole
+                // train (a closed loop's full window of 64 x 1200 B at once).
+                let segments = gso_segments(max_gso, c.conn.current_mtu());
+                let Some(t) = c.conn.poll_transmit(now, segments, &mut send_buf) else {
                     break;
                 };
                 busy = true;
@@ -638,7 +690,9 @@ pub async fn run(ctx: Rc<Ctx>) -> Result<(), BenchError> {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         pending = Some((t, send_buf.clone()));
                     }
-                    _ => {}
+                    // Lost (QUIC recovers what it must); the first few are reported.
+                    Err(e) => ctx.error(format!("UDP send of {} bytes: {e}", t.size)),
+                    Ok(()) => {}
                 }
             }
             c.timeout = c.conn.poll_timeout();
@@ -677,5 +731,21 @@ pub async fn run(ctx: Rc<Ctx>) -> Result<(), BenchError> {
             () = sleep_until(wake) => {}
             () = ctx.wake.notified() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_trains_stay_under_the_udp_limit() {
+        assert_eq!(gso_segments(64, 1350), 48);
+        assert!(gso_segments(64, 1350) * 1350 <= 65_507);
+        assert_eq!(gso_segments(64, 1452), 44);
+        assert_eq!(gso_segments(10, 1200), 10);
+        assert_eq!(gso_segments(64, 65_000), 1);
+        assert_eq!(path_mtu(1200), 1350);
+        assert_eq!(path_mtu(1400), 1464);
     }
 }

@@ -83,31 +83,45 @@ impl Clock {
 /// How flows send.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Shape {
-    /// Closed loop: each flow keeps this many datagrams in flight (echo mode).
-    Closed { inflight: u32 },
+    /// Closed loop: each flow keeps this many datagrams in flight (echo mode); one with no
+    /// reply after `loss_timeout` is counted as lost and a replacement is sent.
+    Closed {
+        inflight: u32,
+        loss_timeout: Duration,
+    },
     /// Open loop: this many datagrams per second for the whole group, round-robin over flows.
     Rate { per_sec: f64 },
     /// As fast as the transport takes them (one-way mode without a rate).
     Unlimited,
 }
 
-/// In closed loop, a flow that has heard nothing back for this long gets its credit back (the
-/// datagrams in flight are presumed lost), so loss cannot stall a flow for good.
-pub const STALL_TIMEOUT: Duration = Duration::from_millis(250);
+/// The default of [`Shape::Closed`]'s `loss_timeout` (`--loss-timeout-ms`): about ten times
+/// the worst round-trip p99 the suite has seen on loopback (20-30 ms under load), so an echo
+/// that is merely late is rarely given up on, and a lost one costs a flow a quarter second.
+pub const LOSS_TIMEOUT: Duration = Duration::from_millis(250);
 /// Tokens an open-loop group may bank, in seconds of its rate: a loop that falls behind loses
 /// the excess, and the offered rate it reports says so.
 const MAX_BANK_SECS: f64 = 0.01;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct FlowLoad {
     open: bool,
     credit: u32,
-    inflight: u32,
     queued: bool,
-    last_rx: Instant,
+    /// Closed loop: when each datagram in flight was sent, oldest first. A reply retires the
+    /// oldest entry (replies carry no credit identity the load could use, and echoes mostly
+    /// come back in order), so a lost datagram's entry is the one left behind and times out at
+    /// most one window after its own send time.
+    in_flight: VecDeque<Instant>,
 }
 
 /// The load of one group of flows (one connection, one socket): decides which flow sends next.
+///
+/// Closed loop (echo): each flow has `inflight` credits; a send takes one, a reply gives one
+/// back, and a datagram still unanswered `loss_timeout` after it was sent is counted as lost
+/// ([`Load::take_timeouts`]) and gives its credit back, so the flow sends a replacement. Without
+/// that, every lost datagram (a relay dropping the first burst, a full socket buffer) would
+/// shrink the window for good, and a flow that lost them all would stall for the rest of the run.
 #[derive(Debug)]
 pub struct Load {
     shape: Shape,
@@ -119,21 +133,23 @@ pub struct Load {
     rr: usize,
     tokens: f64,
     last: Option<Instant>,
+    /// Closed loop: datagrams in flight over all flows, when the last scan for lost ones ran,
+    /// and how many were given up since [`Load::take_timeouts`] was last called.
+    in_flight: usize,
     last_scan: Option<Instant>,
+    timeouts: u64,
 }
 
 impl Load {
     pub fn new(shape: Shape, flows: usize) -> Self {
-        let now = Instant::now();
         Load {
             shape,
             flows: vec![
                 FlowLoad {
                     open: false,
                     credit: 0,
-                    inflight: 0,
                     queued: false,
-                    last_rx: now,
+                    in_flight: VecDeque::new(),
                 };
                 flows
             ],
@@ -142,7 +158,9 @@ impl Load {
             rr: 0,
             tokens: 0.0,
             last: None,
+            in_flight: 0,
             last_scan: None,
+            timeouts: 0,
         }
     }
 
@@ -151,16 +169,21 @@ impl Load {
         self.open.len()
     }
 
+    /// Closed loop: datagrams in flight over all flows.
+    #[cfg(test)]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// The flow may now send.
-    pub fn open_flow(&mut self, i: usize, now: Instant) {
+    pub fn open_flow(&mut self, i: usize, _now: Instant) {
         let f = &mut self.flows[i];
         if f.open {
             return;
         }
         f.open = true;
-        f.last_rx = now;
         self.open.push(i as u32);
-        if let Shape::Closed { inflight } = self.shape {
+        if let Shape::Closed { inflight, .. } = self.shape {
             f.credit = inflight;
             if !f.queued {
                 f.queued = true;
@@ -179,19 +202,21 @@ impl Load {
         }
         f.open = false;
         f.credit = 0;
-        f.inflight = 0;
+        self.in_flight -= f.in_flight.len();
+        f.in_flight.clear();
         self.open.retain(|&x| x as usize != i);
     }
 
-    /// An echo (or anything) came back on flow `i`: in closed loop, one more may be sent.
-    pub fn on_reply(&mut self, i: usize, now: Instant) {
-        let Some(f) = self.flows.get_mut(i) else {
-            return;
-        };
-        f.last_rx = now;
+    /// An echo (or anything) came back on flow `i`: in closed loop, one more may be sent. A
+    /// reply to a datagram already counted as lost finds nothing in flight and is ignored, so
+    /// a flow never has more than `inflight` credits.
+    pub fn on_reply(&mut self, i: usize, _now: Instant) {
         if let Shape::Closed { .. } = self.shape {
-            if f.open && f.inflight > 0 {
-                f.inflight -= 1;
+            let Some(f) = self.flows.get_mut(i) else {
+                return;
+            };
+            if f.open && f.in_flight.pop_front().is_some() {
+                self.in_flight -= 1;
                 f.credit += 1;
                 if !f.queued {
                     f.queued = true;
@@ -199,6 +224,29 @@ impl Load {
                 }
             }
         }
+    }
+
+    /// The last datagram `send` accepted for flow `i` did not leave after all (a batch the
+    /// socket took only part of): in closed loop its credit comes back at once.
+    pub fn cancel(&mut self, i: usize) {
+        if let Shape::Closed { .. } = self.shape {
+            let Some(f) = self.flows.get_mut(i) else {
+                return;
+            };
+            if f.open && f.in_flight.pop_back().is_some() {
+                self.in_flight -= 1;
+                f.credit += 1;
+                if !f.queued {
+                    f.queued = true;
+                    self.ready.push_back(i as u32);
+                }
+            }
+        }
+    }
+
+    /// Closed loop: datagrams counted as lost after the timeout since the last call.
+    pub fn take_timeouts(&mut self) -> u64 {
+        std::mem::take(&mut self.timeouts)
     }
 
     /// Offers up to `budget` sends, in order, to `send(flow)`, which returns false when the
@@ -211,8 +259,8 @@ impl Load {
     ) -> usize {
         let mut sent = 0;
         match self.shape {
-            Shape::Closed { .. } => {
-                self.recover_stalled(now);
+            Shape::Closed { loss_timeout, .. } => {
+                self.expire(now, loss_timeout);
                 while sent < budget {
                     let Some(&i) = self.ready.front() else { break };
                     if !self.flows[i as usize].open {
@@ -226,11 +274,8 @@ impl Load {
                     sent += 1;
                     let f = &mut self.flows[i as usize];
                     f.credit -= 1;
-                    if f.inflight == 0 {
-                        // The stall clock runs from the first datagram in flight.
-                        f.last_rx = now;
-                    }
-                    f.inflight += 1;
+                    f.in_flight.push_back(now);
+                    self.in_flight += 1;
                     if f.credit == 0 {
                         f.queued = false;
                         self.ready.pop_front();
@@ -279,8 +324,9 @@ impl Load {
                 // At least 100 us apart: sends are batched rather than paced one by one.
                 Some(now + Duration::from_secs_f64(need).max(Duration::from_micros(100)))
             }
-            Shape::Closed { .. } if self.flows.iter().any(|f| f.inflight > 0) => {
-                Some(now + STALL_TIMEOUT / 4)
+            // The next scan for datagrams past their timeout.
+            Shape::Closed { loss_timeout, .. } if self.in_flight > 0 => {
+                Some(now + (loss_timeout / 4).max(Duration::from_millis(1)))
             }
             Shape::Unlimited if !self.open.is_empty() => Some(now),
             _ => None,
@@ -296,22 +342,32 @@ impl Load {
         }
     }
 
-    fn recover_stalled(&mut self, now: Instant) {
-        if self
-            .last_scan
-            .is_some_and(|t| now.saturating_duration_since(t) < STALL_TIMEOUT / 4)
+    /// Counts the datagrams sent `timeout` ago or earlier and still unanswered as lost, and
+    /// gives their credit back. Scans at most every quarter timeout (every flow is looked at),
+    /// so a datagram is given up between 1 and 1.25 timeouts after it was sent.
+    fn expire(&mut self, now: Instant, timeout: Duration) {
+        if self.in_flight == 0
+            || self
+                .last_scan
+                .is_some_and(|t| now.saturating_duration_since(t) < timeout / 4)
         {
             return;
         }
         self.last_scan = Some(now);
         for (i, f) in self.flows.iter_mut().enumerate() {
-            if f.inflight > 0 && now.saturating_duration_since(f.last_rx) >= STALL_TIMEOUT {
-                f.credit += f.inflight;
-                f.inflight = 0;
-                if !f.queued {
-                    f.queued = true;
-                    self.ready.push_back(i as u32);
-                }
+            while f
+                .in_flight
+                .front()
+                .is_some_and(|&t| now.saturating_duration_since(t) >= timeout)
+            {
+                f.in_flight.pop_front();
+                self.in_flight -= 1;
+                self.timeouts += 1;
+                f.credit += 1;
+            }
+            if f.open && f.credit > 0 && !f.queued {
+                f.queued = true;
+                self.ready.push_back(i as u32);
             }
         }
     }
@@ -335,6 +391,9 @@ pub struct Recorder {
     pub received_all: u64,
     /// Sends the transport refused (its buffer or flow-control window was full).
     pub blocked: u64,
+    /// Closed loop: datagrams given up as lost after the loss timeout (and replaced), every
+    /// phase.
+    pub timed_out: u64,
     /// Payloads that came back but were not ours, or not of this run.
     pub foreign: u64,
     /// Round-trip times in nanoseconds (measured datagrams only).
@@ -356,6 +415,7 @@ impl Recorder {
             sent_all: 0,
             received_all: 0,
             blocked: 0,
+            timed_out: 0,
             foreign: 0,
             rtt: new_histogram(),
             seq: 0,
@@ -429,6 +489,7 @@ impl Recorder {
         self.sent_all += o.sent_all;
         self.received_all += o.received_all;
         self.blocked += o.blocked;
+        self.timed_out += o.timed_out;
         self.foreign += o.foreign;
         let _ = self.rtt.add(&o.rtt);
     }
@@ -473,7 +534,7 @@ mod tests {
     #[test]
     fn closed_loop_keeps_k_in_flight() {
         let now = Instant::now();
-        let mut l = Load::new(Shape::Closed { inflight: 3 }, 2);
+        let mut l = Load::new(closed(3), 2);
         l.open_flow(0, now);
         l.open_flow(1, now);
         let mut sent = Vec::new();
@@ -502,7 +563,7 @@ mod tests {
     #[test]
     fn a_closed_flow_no_longer_sends() {
         let now = Instant::now();
-        let mut l = Load::new(Shape::Closed { inflight: 1 }, 2);
+        let mut l = Load::new(closed(1), 2);
         l.open_flow(0, now);
         l.open_flow(1, now);
         l.close_flow(0);
@@ -515,14 +576,77 @@ mod tests {
         assert_eq!(l.open_flows(), 1);
     }
 
+    fn closed(inflight: u32) -> Shape {
+        Shape::Closed {
+            inflight,
+            loss_timeout: LOSS_TIMEOUT,
+        }
+    }
+
     #[test]
     fn closed_loop_recovers_from_loss() {
         let now = Instant::now();
-        let mut l = Load::new(Shape::Closed { inflight: 2 }, 1);
+        let mut l = Load::new(closed(2), 1);
         l.open_flow(0, now);
         assert_eq!(l.poll(now, 10, |_| true), 2);
-        let later = now + STALL_TIMEOUT + Duration::from_millis(1);
+        let later = now + LOSS_TIMEOUT + Duration::from_millis(1);
         assert_eq!(l.poll(later, 10, |_| true), 2);
+        assert_eq!(l.take_timeouts(), 2);
+        assert_eq!(l.take_timeouts(), 0);
+    }
+
+    /// One datagram of a window is lost while the others come back: only it is given up after
+    /// the timeout and replaced (before, the flow ran one short until all of its window was
+    /// lost); a late echo of it retires one entry and never adds a credit.
+    #[test]
+    fn a_lost_datagram_times_out_and_is_replaced() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut l = Load::new(closed(4), 1);
+        l.open_flow(0, t0);
+        assert_eq!(l.poll(t0, 10, |_| true), 4);
+        // Three echoes come back; the fourth datagram is lost.
+        for _ in 0..3 {
+            l.on_reply(0, t0 + ms(1));
+        }
+        assert_eq!(l.poll(t0 + ms(2), 10, |_| true), 3);
+        assert_eq!(l.in_flight(), 4);
+        // Before the timeout nothing is given up (the scan runs at most every quarter timeout).
+        assert_eq!(l.poll(t0 + LOSS_TIMEOUT / 2, 10, |_| true), 0);
+        assert_eq!(l.take_timeouts(), 0);
+        // After it, the oldest entry (sent at t0) is; those sent at t0 + 2 ms are not yet.
+        let later = t0 + LOSS_TIMEOUT + ms(1);
+        assert_eq!(l.poll(later, 10, |_| true), 1);
+        assert_eq!(l.take_timeouts(), 1);
+        assert_eq!(l.in_flight(), 4);
+        // The late echo retires an entry and gives its credit back: still 4 at most.
+        l.on_reply(0, later);
+        assert_eq!(l.poll(later, 10, |_| true), 1);
+        assert_eq!(l.in_flight(), 4);
+        // Echoes beyond what is in flight are ignored.
+        for _ in 0..10 {
+            l.on_reply(0, later);
+        }
+        assert_eq!(l.in_flight(), 0);
+        assert_eq!(l.poll(later, 100, |_| true), 4);
+        assert_eq!(l.in_flight(), 4);
+        // Nothing ever came back for a closed flow: its entries are dropped, not timed out.
+        l.close_flow(0);
+        assert_eq!(l.in_flight(), 0);
+        assert_eq!(l.poll(later + LOSS_TIMEOUT * 2, 10, |_| true), 0);
+        assert_eq!(l.take_timeouts(), 0);
+    }
+
+    #[test]
+    fn a_cancelled_send_gives_its_credit_back_at_once() {
+        let t0 = Instant::now();
+        let mut l = Load::new(closed(2), 1);
+        l.open_flow(0, t0);
+        assert_eq!(l.poll(t0, 10, |_| true), 2);
+        l.cancel(0);
+        assert_eq!(l.in_flight(), 1);
+        assert_eq!(l.poll(t0, 10, |_| true), 1);
+        assert_eq!(l.take_timeouts(), 0);
     }
 
     #[test]

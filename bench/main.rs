@@ -140,6 +140,13 @@ pub struct LoadArgs {
     /// Closed loop: datagrams in flight per flow.
     #[arg(long, default_value_t = 1)]
     inflight: u32,
+    /// Closed loop: milliseconds after which an unanswered datagram counts as lost and a
+    /// replacement is sent (scanned every quarter of it).
+    #[arg(long, default_value_t = 250)]
+    loss_timeout_ms: u64,
+    /// With --relay-bin: the relay's datagram I/O backend (passed as its --io-backend).
+    #[arg(long, value_enum, default_value = "auto")]
+    io_backend: spawn::IoBackend,
     #[arg(long, value_enum, default_value = "echo")]
     mode: Mode,
     /// Do not check the relay's certificate.
@@ -204,6 +211,7 @@ impl LoadArgs {
             warmup: Duration::from_secs_f64(self.warmup.max(0.0)),
             rate: self.rate,
             inflight: self.inflight,
+            loss_timeout: Duration::from_millis(self.loss_timeout_ms),
             mode: self.mode,
             insecure: self.insecure,
             ca: self.ca.clone(),
@@ -214,6 +222,7 @@ impl LoadArgs {
             quiet: self.quiet,
             setup_timeout: Duration::from_secs(self.setup_timeout),
             max_datagrams: None,
+            io_backend_requested: None,
         }
     }
 }
@@ -224,6 +233,8 @@ pub struct RelayUnderTest {
     addr: SocketAddr,
     pid: Option<u32>,
     metrics: Option<SocketAddr>,
+    /// The `--io-backend` it was started with, when this tool started it.
+    io_backend: Option<spawn::IoBackend>,
 }
 
 impl std::fmt::Debug for RelayUnderTest {
@@ -238,13 +249,21 @@ impl std::fmt::Debug for RelayUnderTest {
 fn relay_under_test(a: &mut LoadArgs) -> Result<RelayUnderTest, BenchError> {
     if let Some(bin) = &a.relay_bin {
         spawn::raise_nofile(2 * a.flows as u64 + 4096);
-        let p = spawn::start_relay(bin, Some(a.relay_core), &[])?;
+        let p = spawn::start_relay(bin, Some(a.relay_core), &a.io_backend.relay_args())?;
+        eprintln!(
+            "relay {} (pid {}): I/O backend {} (asked {})",
+            p.addr,
+            p.pid(),
+            p.io_backend.unwrap_or("unknown"),
+            a.io_backend.as_str()
+        );
         // Its certificate is generated at start.
         a.insecure = true;
         Ok(RelayUnderTest {
             addr: p.addr,
             pid: Some(p.pid()),
             metrics: p.metrics,
+            io_backend: Some(a.io_backend),
             proc: Some(p),
         })
     } else {
@@ -253,6 +272,7 @@ fn relay_under_test(a: &mut LoadArgs) -> Result<RelayUnderTest, BenchError> {
             addr: a.relay,
             pid: a.relay_pid,
             metrics: a.relay_metrics,
+            io_backend: None,
         })
     }
 }
@@ -291,7 +311,10 @@ fn cmd_run(mut a: LoadArgs) -> Result<(), BenchError> {
         a.flows,
         a.mode.as_str()
     );
-    let r = run::run(a.spec(&label, relay.addr, target, relay.pid, relay.metrics))?;
+    let r = run::run(
+        a.spec(&label, relay.addr, target, relay.pid, relay.metrics)
+            .with_io_backend(relay.io_backend),
+    )?;
     print!("{}", report::table(&[&r]));
     write_json(&a.json, &serde_json::json!({ "run": r }))?;
     drop(relay.proc);
@@ -314,13 +337,16 @@ pub fn baseline_set(
     target: SocketAddr,
 ) -> Result<BaselineSet, BenchError> {
     let label = |what: &str| format!("{what}-{}B-{}f-{}", a.size, a.flows, a.mode.as_str());
-    let r = run::run(a.spec(
-        &label(a.protocol.as_str()),
-        relay.addr,
-        target,
-        relay.pid,
-        relay.metrics,
-    ))?;
+    let r = run::run(
+        a.spec(
+            &label(a.protocol.as_str()),
+            relay.addr,
+            target,
+            relay.pid,
+            relay.metrics,
+        )
+        .with_io_backend(relay.io_backend),
+    )?;
     let mut udp = a.clone();
     udp.protocol = Protocol::Udp;
     udp.connections = a.connections();

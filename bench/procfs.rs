@@ -70,6 +70,35 @@ pub struct RelayMetrics {
     pub datagrams: f64,
     /// `masque_relay_datagrams_dropped_total`, every reason.
     pub dropped: f64,
+    /// The datagram engine, summed over workers: `masque_relay_io_loop_passes_total`,
+    /// `masque_relay_io_completions_total`, `masque_relay_io_send_messages_total`.
+    pub io_passes: f64,
+    pub io_completions: f64,
+    pub io_send_messages: f64,
+    /// `masque_relay_buffer_pool_free`, both pools, every worker (a gauge).
+    pub buffer_pool_free: f64,
+    /// The `backend` label of `masque_relay_io_backend_info` (`io_uring`, `mmsg`; `mixed` when
+    /// workers differ), once a worker has set it.
+    pub io_backend: Option<&'static str>,
+}
+
+/// The value of label `name` in a series such as `m{a="1",name="x"}`.
+fn label<'a>(series: &'a str, name: &str) -> Option<&'a str> {
+    let labels = series.split_once('{')?.1.strip_suffix('}')?;
+    labels.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// A backend label as a static name (the report keeps `RelayMetrics` `Copy`).
+fn backend_name(label: &str) -> Option<&'static str> {
+    match label {
+        "io_uring" | "uring" => Some("io_uring"),
+        "mmsg" => Some("mmsg"),
+        "none" | "" => None,
+        _ => Some("other"),
+    }
 }
 
 /// Sums the series the bench needs from a Prometheus text exposition.
@@ -90,6 +119,18 @@ pub fn parse_metrics(text: &str) -> RelayMetrics {
             "masque_relay_flows_open" => m.flows_open += v,
             "masque_relay_datagrams_total" => m.datagrams += v,
             "masque_relay_datagrams_dropped_total" => m.dropped += v,
+            "masque_relay_io_loop_passes_total" => m.io_passes += v,
+            "masque_relay_io_completions_total" => m.io_completions += v,
+            "masque_relay_io_send_messages_total" => m.io_send_messages += v,
+            "masque_relay_buffer_pool_free" => m.buffer_pool_free += v,
+            "masque_relay_io_backend_info" if v > 0.0 => {
+                if let Some(b) = label(series, "backend").and_then(backend_name) {
+                    m.io_backend = match m.io_backend {
+                        Some(a) if a != b => Some("mixed"),
+                        _ => Some(b),
+                    };
+                }
+            }
             _ => {}
         }
     }
@@ -147,5 +188,26 @@ mod tests {
         let m = parse_metrics(text);
         assert_eq!(m.flows_open, 7.0);
         assert_eq!(m.datagrams, 15.0);
+        assert_eq!(m.io_backend, None);
+    }
+
+    #[test]
+    fn engine_metrics_and_backend() {
+        let text = "masque_relay_io_backend_info{worker=\"0\",backend=\"io_uring\"} 1\n\
+                    masque_relay_io_loop_passes_total{worker=\"0\"} 10\n\
+                    masque_relay_io_completions_total{worker=\"0\"} 40\n\
+                    masque_relay_io_send_messages_total{worker=\"0\"} 5\n\
+                    masque_relay_buffer_pool_free{worker=\"0\",pool=\"quic\"} 64\n\
+                    masque_relay_buffer_pool_free{worker=\"0\",pool=\"target\"} 2000\n";
+        let m = parse_metrics(text);
+        assert_eq!(m.io_backend, Some("io_uring"));
+        assert_eq!((m.io_passes, m.io_completions), (10.0, 40.0));
+        assert_eq!(m.io_send_messages, 5.0);
+        assert_eq!(m.buffer_pool_free, 2064.0);
+        let two =
+            format!("{text}masque_relay_io_backend_info{{backend=\"mmsg\",worker=\"1\"}} 1\n");
+        assert_eq!(parse_metrics(&two).io_backend, Some("mixed"));
+        let none = "masque_relay_io_backend_info{worker=\"0\",backend=\"none\"} 1\n";
+        assert_eq!(parse_metrics(none).io_backend, None);
     }
 }

@@ -99,6 +99,50 @@ pub struct ProcFigures {
     /// From the relay's `/metrics`, when it serves one.
     pub flows_open: Option<u64>,
     pub dropped: Option<u64>,
+    /// The datagram I/O backend the relay says it runs on (`io_uring`, `mmsg`), from
+    /// `masque_relay_io_backend_info`.
+    pub io_backend: Option<&'static str>,
+    /// Its datagram engine over the window, when the relay reports it.
+    pub engine: Option<EngineFigures>,
+}
+
+/// The relay's datagram engine over the measured window (`masque_relay_io_*` counters).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EngineFigures {
+    /// Engine passes, completions (io_uring) or datagrams read (mmsg), send messages handed
+    /// to the kernel (one GSO message may carry several datagrams).
+    pub passes: u64,
+    pub completions: u64,
+    pub send_messages: u64,
+    pub completions_per_pass: Option<f64>,
+    pub send_messages_per_pass: Option<f64>,
+    /// Relayed datagrams per pass (the relay's own datagram count over the same window).
+    pub datagrams_per_pass: Option<f64>,
+    /// Receive buffers free in the pools at the end of the window.
+    pub buffer_pool_free: u64,
+}
+
+impl EngineFigures {
+    /// `None` when the relay counted no passes (it has no such metrics).
+    pub fn new(a: &RelayMetrics, b: &RelayMetrics) -> Option<Self> {
+        let d = |x: f64, y: f64| (y - x).max(0.0) as u64;
+        let passes = d(a.io_passes, b.io_passes);
+        if passes == 0 {
+            return None;
+        }
+        let per = |n: u64| Some(n as f64 / passes as f64);
+        let completions = d(a.io_completions, b.io_completions);
+        let send_messages = d(a.io_send_messages, b.io_send_messages);
+        Some(EngineFigures {
+            passes,
+            completions,
+            send_messages,
+            completions_per_pass: per(completions),
+            send_messages_per_pass: per(send_messages),
+            datagrams_per_pass: per(d(a.datagrams, b.datagrams)),
+            buffer_pool_free: b.buffer_pool_free.max(0.0) as u64,
+        })
+    }
 }
 
 impl ProcFigures {
@@ -133,6 +177,8 @@ impl ProcFigures {
             rss_kib: end.rss_kib,
             flows_open: metrics.map(|(_, b)| b.flows_open as u64),
             dropped: metrics.map(|(a, b)| (b.dropped - a.dropped).max(0.0) as u64),
+            io_backend: metrics.and_then(|(a, b)| b.io_backend.or(a.io_backend)),
+            engine: metrics.and_then(|(a, b)| EngineFigures::new(&a, &b)),
         }
     }
 }
@@ -189,8 +235,14 @@ pub struct RunReport {
     /// bottleneck.
     pub client_cpu_ns_per_datagram: Option<f64>,
     pub client_blocked: u64,
+    /// Closed loop: datagrams the client gave up as lost after `--loss-timeout-ms` and
+    /// replaced (warm-up included).
+    pub client_timed_out: u64,
     pub client_foreign: u64,
     pub target: Option<TargetCounts>,
+    /// The `--io-backend` the relay was started with, when this tool started it (what it
+    /// actually ran on is `relay.io_backend`).
+    pub io_backend_requested: Option<&'static str>,
 }
 
 impl RunReport {
@@ -322,6 +374,33 @@ pub fn table(runs: &[&RunReport]) -> String {
             format!("{:.1}", v / 1024.0)
         })
     });
+    row("relay I/O backend", &|r| {
+        let used = r.relay.as_ref().and_then(|p| p.io_backend);
+        match (used, r.io_backend_requested) {
+            (Some(u), Some(a)) => format!("{u} (asked {a})"),
+            (Some(u), None) => u.to_owned(),
+            (None, Some(a)) => format!("? (asked {a})"),
+            (None, None) => "-".to_owned(),
+        }
+    });
+    row("engine completions/pass", &|r| {
+        opt(
+            r.relay
+                .as_ref()
+                .and_then(|p| p.engine.as_ref())
+                .and_then(|e| e.completions_per_pass),
+            |v| format!("{v:.2}"),
+        )
+    });
+    row("engine send msgs/pass", &|r| {
+        opt(
+            r.relay
+                .as_ref()
+                .and_then(|p| p.engine.as_ref())
+                .and_then(|e| e.send_messages_per_pass),
+            |v| format!("{v:.2}"),
+        )
+    });
     row("relay flows open", &|r| {
         r.relay
             .as_ref()
@@ -332,6 +411,7 @@ pub fn table(runs: &[&RunReport]) -> String {
     row("client CPU ns/datagram", &|r| {
         opt(r.client_cpu_ns_per_datagram, |v| format!("{v:.0}"))
     });
+    row("client loss timeouts", &|r| r.client_timed_out.to_string());
     let w0 = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let widths: Vec<usize> = (0..runs.len())
         .map(|i| rows.iter().map(|(_, v)| v[i].len()).max().unwrap_or(0))
@@ -459,11 +539,15 @@ mod tests {
                 rss_kib: 0,
                 flows_open: None,
                 dropped: None,
+                io_backend: None,
+                engine: None,
             }),
             client_cpu_ns_per_datagram: None,
             client_blocked: 0,
+            client_timed_out: 0,
             client_foreign: 0,
             target: None,
+            io_backend_requested: None,
         }
     }
 
@@ -501,20 +585,38 @@ mod tests {
         assert_eq!(p.cpu_ns_per_datagram, Some(1000.0));
         assert_eq!(p.cpu_utilisation, 0.5);
         assert_eq!(p.datagrams_source, "bench");
+        assert_eq!((p.io_backend, p.engine.as_ref()), (None, None));
         let m0 = RelayMetrics {
             flows_open: 10.0,
             datagrams: 100.0,
             dropped: 0.0,
+            io_passes: 1_000.0,
+            io_completions: 5_000.0,
+            io_send_messages: 500.0,
+            buffer_pool_free: 2_000.0,
+            io_backend: Some("io_uring"),
         };
         let m1 = RelayMetrics {
             flows_open: 10.0,
             datagrams: 2_000_100.0,
             dropped: 3.0,
+            io_passes: 101_000.0,
+            io_completions: 1_005_000.0,
+            io_send_messages: 250_500.0,
+            buffer_pool_free: 2_100.0,
+            io_backend: Some("io_uring"),
         };
         let p = ProcFigures::new(7, &a, &b, Some((m0, m1)), 1_000_000);
         assert_eq!(p.cpu_ns_per_datagram, Some(500.0));
         assert_eq!(p.datagrams_source, "metrics");
         assert_eq!(p.flows_open, Some(10));
         assert_eq!(p.dropped, Some(3));
+        assert_eq!(p.io_backend, Some("io_uring"));
+        let e = p.engine.unwrap();
+        assert_eq!(e.passes, 100_000);
+        assert_eq!(e.completions_per_pass, Some(10.0));
+        assert_eq!(e.send_messages_per_pass, Some(2.5));
+        assert_eq!(e.datagrams_per_pass, Some(20.0));
+        assert_eq!(e.buffer_pool_free, 2_100);
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use crate::load::{Clock, Phase, Recorder, Shape};
 use crate::procfs::{self, ProcSample, RelayMetrics};
 use crate::report::{Direction, ProcFigures, Rtt, RunReport, Setup};
+use crate::spawn::IoBackend;
 use crate::wire::{self, Kind, HEADER_LEN};
 use crate::BenchError;
 
@@ -80,6 +81,8 @@ pub struct RunSpec {
     /// Datagrams per second over all flows; 0 = closed loop (echo) or unlimited (one-way).
     pub rate: u64,
     pub inflight: u32,
+    /// Closed loop: a datagram unanswered this long is counted as lost and replaced.
+    pub loss_timeout: Duration,
     pub mode: Mode,
     pub insecure: bool,
     pub ca: Option<PathBuf>,
@@ -95,6 +98,8 @@ pub struct RunSpec {
     pub setup_timeout: Duration,
     /// Stop sending after this many datagrams (tests).
     pub max_datagrams: Option<u64>,
+    /// The `--io-backend` the relay was started with, when this tool started it.
+    pub io_backend_requested: Option<IoBackend>,
 }
 
 impl RunSpec {
@@ -107,10 +112,17 @@ impl RunSpec {
         } else if self.mode == Mode::Echo {
             Shape::Closed {
                 inflight: self.inflight.max(1),
+                loss_timeout: self.loss_timeout.max(Duration::from_millis(1)),
             }
         } else {
             Shape::Unlimited
         }
+    }
+
+    /// The same spec, noting the `--io-backend` the relay under test was started with.
+    pub fn with_io_backend(mut self, b: Option<IoBackend>) -> Self {
+        self.io_backend_requested = b;
+        self
     }
 
     /// The request path for the target, from the URI template.
@@ -386,8 +398,10 @@ pub fn run(spec: RunSpec) -> Result<RunReport, BenchError> {
         relay,
         client_cpu_ns_per_datagram: client_cpu,
         client_blocked: rec.blocked,
+        client_timed_out: rec.timed_out,
         client_foreign: rec.foreign,
         target,
+        io_backend_requested: spec.io_backend_requested.map(IoBackend::as_str),
     })
 }
 
@@ -535,6 +549,7 @@ mod tests {
             warmup: Duration::from_millis(200),
             rate: 1000,
             inflight: 1,
+            loss_timeout: crate::load::LOSS_TIMEOUT,
             mode: Mode::Echo,
             insecure: true,
             ca: None,
@@ -545,6 +560,7 @@ mod tests {
             quiet: true,
             setup_timeout: Duration::from_secs(10),
             max_datagrams: Some(5_000),
+            io_backend_requested: None,
         }
     }
 

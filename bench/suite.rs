@@ -5,6 +5,12 @@
 //! The relay is started fresh for every measured run (so its RSS and flow count belong to that
 //! run), pinned to `--relay-core`; the raw forwarder is pinned there too; the load generator and
 //! the target share `--client-core`.
+//!
+//! A second section, "io_uring vs mmsg", runs the same relay build with `--io-backend uring`
+//! and `--io-backend mmsg` back to back on the cells BENCH.md sets targets for (HTTP/3 1200 B
+//! and 64 B echo, HTTP/2 1200 B echo, 100 flows), with a raw-forward baseline per cell, and
+//! reports relay CPU per relayed datagram for each backend, their ratio within each repetition,
+//! and the engine's completions and send messages per pass from the relay's metrics.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,6 +19,7 @@ use serde::Serialize;
 
 use crate::report::{Ratios, RunReport};
 use crate::run::{Mode, Protocol};
+use crate::spawn::IoBackend;
 use crate::{spawn, target, BenchError, LoadArgs, RelayUnderTest};
 
 #[derive(Debug, clap::Args)]
@@ -53,7 +60,30 @@ pub struct SuiteArgs {
     /// Every run of every repetition as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The relay's datagram I/O backend for the matrix (passed as its --io-backend).
+    #[arg(long, value_enum, default_value = "auto")]
+    io_backend: IoBackend,
+    /// Skip the "io_uring vs mmsg" section.
+    #[arg(long, conflicts_with = "io_compare_only")]
+    no_io_compare: bool,
+    /// Run only the "io_uring vs mmsg" section, not the matrix.
+    #[arg(long)]
+    io_compare_only: bool,
+    /// Repetitions of the "io_uring vs mmsg" section (default --reps, or 1 with --quick).
+    #[arg(long)]
+    io_compare_reps: Option<usize>,
+    /// Measured seconds per run of that section (default as the matrix, or 3 with --quick).
+    #[arg(long)]
+    io_compare_duration: Option<f64>,
 }
+
+/// The cells of the "io_uring vs mmsg" section: the BENCH.md ratio targets, 100 flows, echo.
+const IO_COMPARE_CELLS: [(Protocol, usize); 3] = [
+    (Protocol::H3, 1200),
+    (Protocol::H3, 64),
+    (Protocol::H2, 1200),
+];
+const IO_COMPARE_FLOWS: usize = 100;
 
 /// The LoadArgs of a suite cell.
 fn cell_args(
@@ -80,6 +110,8 @@ fn cell_args(
         rate: 0,
         // Closed loop: 64 datagrams in flight in total for few flows, one per flow for many.
         inflight: 64usize.div_ceil(flows).max(1) as u32,
+        loss_timeout_ms: crate::load::LOSS_TIMEOUT.as_millis() as u64,
+        io_backend: IoBackend::Auto,
         mode,
         insecure: true,
         ca: None,
@@ -102,6 +134,21 @@ struct SuiteRun {
     report: RunReport,
     /// Ratios to the baselines of the same repetition (relay runs only).
     ratios: Option<Ratios>,
+}
+
+/// One run of the "io_uring vs mmsg" section.
+#[derive(Debug, Clone, Serialize)]
+struct IoRun {
+    rep: usize,
+    /// `h3`, `h2` or `raw-forward`.
+    what: String,
+    /// The backend asked for (`uring`, `mmsg`); `None` for the raw forwarder.
+    backend: Option<IoBackend>,
+    report: RunReport,
+    /// Relay CPU per datagram over the raw forwarder's, same cell and repetition.
+    cpu_vs_raw_forward: Option<f64>,
+    /// On the io_uring run: its CPU per datagram over the mmsg run's, same cell and repetition.
+    uring_over_mmsg: Option<f64>,
 }
 
 /// "median [min–max]" of the values, or "-".
@@ -203,7 +250,8 @@ pub fn suite(a: SuiteArgs) -> Result<(), BenchError> {
     let cells = sizes.len() * flows.len() * a.modes.len();
     let mut runs: Vec<SuiteRun> = Vec::new();
     let mut n = 0;
-    for rep in 1..=a.reps {
+    let matrix_reps = if a.io_compare_only { 0 } else { a.reps };
+    for rep in 1..=matrix_reps {
         for &size in &sizes {
             for &f in &flows {
                 for &mode in &a.modes {
@@ -256,23 +304,8 @@ pub fn suite(a: SuiteArgs) -> Result<(), BenchError> {
                     for &p in &a.protocols {
                         let mut args = base.clone();
                         args.protocol = p;
-                        let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), &[])?;
-                        let relay = RelayUnderTest {
-                            addr: proc.addr,
-                            pid: Some(proc.pid()),
-                            metrics: proc.metrics,
-                            proc: None,
-                        };
                         let label = format!("{}-{size}B-{f}f-{}", p.as_str(), mode.as_str());
-                        let r = crate::run::run(args.spec(
-                            &label,
-                            relay.addr,
-                            target.addr,
-                            relay.pid,
-                            relay.metrics,
-                        ));
-                        drop(proc);
-                        match r {
+                        match relay_run(&a, &args, &label, a.io_backend, target.addr) {
                             Ok(r) => {
                                 let ratios = Ratios::compute(&r, direct.as_ref(), raw.as_ref());
                                 eprintln!(
@@ -316,13 +349,312 @@ pub fn suite(a: SuiteArgs) -> Result<(), BenchError> {
         }
         n = 0;
     }
-    let table = markdown(&runs, &keys);
+    let io_runs = if a.no_io_compare {
+        Vec::new()
+    } else {
+        io_compare(&a, warmup, duration, &target)
+    };
+    let mut table = String::new();
+    if !a.io_compare_only {
+        table.push_str(&markdown(&runs, &keys));
+        table.push_str(&backend_line(
+            runs.iter()
+                .filter(|r| r.report.relay.is_some() && r.ratios.is_some())
+                .map(|r| &r.report),
+            a.io_backend,
+        ));
+    }
+    if !a.no_io_compare {
+        if !table.is_empty() {
+            table.push('\n');
+        }
+        table.push_str(&io_markdown(&io_runs));
+    }
     println!("{table}");
     if let Some(p) = &a.markdown {
         std::fs::write(p, &table)?;
     }
-    crate::write_json(&a.json, &serde_json::json!({ "runs": runs }))?;
+    crate::write_json(
+        &a.json,
+        &serde_json::json!({ "runs": runs, "io_compare": io_runs }),
+    )?;
     Ok(())
+}
+
+/// Starts a fresh relay with `backend`, runs `args` through it to `target`, stops it.
+fn relay_run(
+    a: &SuiteArgs,
+    args: &LoadArgs,
+    label: &str,
+    backend: IoBackend,
+    target: std::net::SocketAddr,
+) -> Result<RunReport, BenchError> {
+    let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), &backend.relay_args())?;
+    let relay = RelayUnderTest {
+        addr: proc.addr,
+        pid: Some(proc.pid()),
+        metrics: proc.metrics,
+        proc: None,
+        io_backend: Some(backend),
+    };
+    let r = crate::run::run(
+        args.spec(label, relay.addr, target, relay.pid, relay.metrics)
+            .with_io_backend(relay.io_backend),
+    );
+    drop(proc);
+    r
+}
+
+/// "relay I/O backend: io_uring (asked auto)", from what the relays of `runs` reported.
+fn backend_line<'a>(runs: impl Iterator<Item = &'a RunReport>, asked: IoBackend) -> String {
+    let mut used: Vec<&str> = runs
+        .map(|r| {
+            r.relay
+                .as_ref()
+                .and_then(|p| p.io_backend)
+                .unwrap_or("unknown")
+        })
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    if used.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nrelay I/O backend: {} (asked {})\n",
+        used.join(", "),
+        asked.as_str()
+    )
+}
+
+/// The "io_uring vs mmsg" section: per repetition and cell, a raw-forward baseline, then the
+/// relay with each backend (the order alternates between repetitions, so drift of the box
+/// does not always favour the same one).
+fn io_compare(
+    a: &SuiteArgs,
+    warmup: f64,
+    matrix_duration: f64,
+    target: &target::TargetThread,
+) -> Vec<IoRun> {
+    let reps = a
+        .io_compare_reps
+        .unwrap_or(if a.quick { 1 } else { a.reps })
+        .max(1);
+    let duration = a
+        .io_compare_duration
+        .unwrap_or(if a.quick { 3.0 } else { matrix_duration });
+    let mut out: Vec<IoRun> = Vec::new();
+    let sizes: Vec<usize> = {
+        let mut s: Vec<usize> = IO_COMPARE_CELLS.iter().map(|c| c.1).collect();
+        s.sort_unstable();
+        s.dedup();
+        s
+    };
+    for rep in 1..=reps {
+        eprintln!("suite: io_uring vs mmsg, repetition {rep}/{reps}");
+        for &size in &sizes {
+            let base = cell_args(
+                a.relay_core,
+                a.client_core,
+                Protocol::Udp,
+                size,
+                IO_COMPARE_FLOWS,
+                Mode::Echo,
+                (warmup, duration),
+            );
+            // The raw forwarder of this size, once per repetition.
+            let mut raw = None;
+            let mut udp = base.clone();
+            udp.connections = IO_COMPARE_FLOWS.div_ceil(100);
+            let label = format!("raw-forward-{size}B-{IO_COMPARE_FLOWS}f-echo");
+            let lifetime = Duration::from_secs_f64(warmup + duration + 90.0);
+            match spawn::start_forwarder(target.addr, Some(a.relay_core), lifetime) {
+                Ok(fwd) => {
+                    match crate::run::run(udp.spec(
+                        &label,
+                        fwd.addr,
+                        target.addr,
+                        Some(fwd.pid()),
+                        None,
+                    )) {
+                        Ok(r) => raw = Some(r),
+                        Err(e) => eprintln!("suite: {label}: {e}"),
+                    }
+                }
+                Err(e) => eprintln!("suite: {label}: {e}"),
+            }
+            let raw_cpu = raw
+                .as_ref()
+                .and_then(|r| r.relay.as_ref())
+                .and_then(|p| p.cpu_ns_per_datagram);
+            for &(p, _) in IO_COMPARE_CELLS.iter().filter(|c| c.1 == size) {
+                let mut args = base.clone();
+                args.protocol = p;
+                let order = if rep % 2 == 1 {
+                    [IoBackend::Uring, IoBackend::Mmsg]
+                } else {
+                    [IoBackend::Mmsg, IoBackend::Uring]
+                };
+                let mut got: Vec<IoRun> = Vec::new();
+                for backend in order {
+                    let label = format!(
+                        "{}-{size}B-{IO_COMPARE_FLOWS}f-echo-{}",
+                        p.as_str(),
+                        backend.as_str()
+                    );
+                    match relay_run(a, &args, &label, backend, target.addr) {
+                        Ok(r) => {
+                            let cpu = r.relay.as_ref().and_then(|x| x.cpu_ns_per_datagram);
+                            let engine = r.relay.as_ref().and_then(|x| x.engine.as_ref());
+                            eprintln!(
+                                "suite: {label}: relay {} ns/datagram on {}, {} completions/pass, \
+                                 {} send msgs/pass",
+                                cpu.map_or("-".into(), |v| format!("{v:.0}")),
+                                r.relay
+                                    .as_ref()
+                                    .and_then(|x| x.io_backend)
+                                    .unwrap_or("unknown"),
+                                engine
+                                    .and_then(|e| e.completions_per_pass)
+                                    .map_or("-".into(), |v| format!("{v:.2}")),
+                                engine
+                                    .and_then(|e| e.send_messages_per_pass)
+                                    .map_or("-".into(), |v| format!("{v:.2}")),
+                            );
+                            got.push(IoRun {
+                                rep,
+                                what: p.as_str().into(),
+                                backend: Some(backend),
+                                cpu_vs_raw_forward: cpu.zip(raw_cpu).map(|(c, r)| c / r),
+                                report: r,
+                                uring_over_mmsg: None,
+                            });
+                        }
+                        Err(e) => eprintln!("suite: {label}: {e}"),
+                    }
+                }
+                let cpu_of = |b: IoBackend, runs: &[IoRun]| {
+                    runs.iter()
+                        .find(|r| r.backend == Some(b))
+                        .and_then(|r| r.report.relay.as_ref())
+                        .and_then(|x| x.cpu_ns_per_datagram)
+                };
+                let ratio = cpu_of(IoBackend::Uring, &got)
+                    .zip(cpu_of(IoBackend::Mmsg, &got))
+                    .filter(|(_, m)| *m > 0.0)
+                    .map(|(u, m)| u / m);
+                if let Some(x) = ratio {
+                    eprintln!(
+                        "suite: {} {size} B: relay CPU per datagram, io_uring / mmsg = {x:.2}",
+                        p.as_str()
+                    );
+                }
+                for r in &mut got {
+                    if r.backend == Some(IoBackend::Uring) {
+                        r.uring_over_mmsg = ratio;
+                    }
+                }
+                out.extend(got);
+            }
+            if let Some(report) = raw {
+                out.push(IoRun {
+                    rep,
+                    what: "raw-forward".into(),
+                    backend: None,
+                    report,
+                    cpu_vs_raw_forward: None,
+                    uring_over_mmsg: None,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The "io_uring vs mmsg" table: medians [min–max] over the repetitions.
+fn io_markdown(runs: &[IoRun]) -> String {
+    let mut out = String::from(
+        "### io_uring vs mmsg (same build, same run)\n\n\
+         | run | size B | flows | backend asked (used) | relay CPU ns/datagram | io_uring / mmsg | \
+         CPU vs raw-forward | delivered to target /s | RTT p99 us | loss | completions/pass | \
+         send msgs/pass | datagrams/pass |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut rows: Vec<(String, usize, Option<IoBackend>)> = Vec::new();
+    for &(p, size) in &IO_COMPARE_CELLS {
+        for b in [IoBackend::Uring, IoBackend::Mmsg] {
+            rows.push((p.as_str().into(), size, Some(b)));
+        }
+    }
+    for size in [1200, 64] {
+        rows.push(("raw-forward".into(), size, None));
+    }
+    for (what, size, backend) in rows {
+        let sel: Vec<&IoRun> = runs
+            .iter()
+            .filter(|r| r.what == what && r.report.size == size && r.backend == backend)
+            .collect();
+        if sel.is_empty() {
+            continue;
+        }
+        let col = |f: &dyn Fn(&IoRun) -> Option<f64>| -> Vec<f64> {
+            sel.iter().filter_map(|r| f(r)).collect()
+        };
+        let engine = |r: &IoRun| r.report.relay.as_ref().and_then(|p| p.engine.clone());
+        let cpu = col(&|r| r.report.relay.as_ref().and_then(|p| p.cpu_ns_per_datagram));
+        let ratio = col(&|r| r.uring_over_mmsg);
+        let vs_raw = col(&|r| r.cpu_vs_raw_forward);
+        let rate = col(&|r| {
+            r.report
+                .to_target
+                .delivered_per_sec
+                .or(Some(r.report.to_target.offered_per_sec))
+        });
+        let p99 = col(&|r| r.report.rtt.as_ref().map(|x| x.p99_us));
+        let loss = col(&|r| r.report.round_trip_loss.or(r.report.to_target.loss));
+        let cpp = col(&|r| engine(r).and_then(|e| e.completions_per_pass));
+        let spp = col(&|r| engine(r).and_then(|e| e.send_messages_per_pass));
+        let dpp = col(&|r| engine(r).and_then(|e| e.datagrams_per_pass));
+        let mut used: Vec<&str> = sel
+            .iter()
+            .filter_map(|r| r.report.relay.as_ref().and_then(|p| p.io_backend))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let backend = match backend {
+            Some(b) => format!(
+                "{} ({})",
+                b.as_str(),
+                if used.is_empty() {
+                    "unknown".to_owned()
+                } else {
+                    used.join(", ")
+                }
+            ),
+            None => "-".into(),
+        };
+        let f2 = |v: f64| format!("{v:.2}");
+        out.push_str(&format!(
+            "| {what} | {size} | {IO_COMPARE_FLOWS} | {backend} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            median_range(&cpu, |v| format!("{v:.0}")),
+            median_range(&ratio, f2),
+            median_range(&vs_raw, f2),
+            median_range(&rate, crate::report::si),
+            median_range(&p99, |v| format!("{v:.0}")),
+            median_range(&loss, |v| format!("{:.2}%", v * 100.0)),
+            median_range(&cpp, f2),
+            median_range(&spp, f2),
+            median_range(&dpp, f2),
+        ));
+    }
+    let reps = runs.iter().map(|r| r.rep).max().unwrap_or(0);
+    out.push_str(&format!(
+        "\n{reps} repetition(s), echo, {IO_COMPARE_FLOWS} flows; \"io_uring / mmsg\" is relay CPU \
+         per relayed datagram with `--io-backend uring` over `--io-backend mmsg`, paired within \
+         each repetition (below 1: io_uring cheaper); per-pass figures are the relay's \
+         masque_relay_io_* counters over the measured window.\n"
+    ));
+    out
 }
 
 #[derive(Debug, clap::Args)]
@@ -341,12 +673,18 @@ pub struct ScaleArgs {
     relay_core: usize,
     #[arg(long, default_value_t = 1)]
     client_core: usize,
+    /// The relay's datagram I/O backend (passed as its --io-backend).
+    #[arg(long, value_enum, default_value = "auto")]
+    io_backend: IoBackend,
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
 struct ScaleStep {
+    /// The backend the relay reported running on, and the one asked for.
+    io_backend: Option<&'static str>,
+    io_backend_requested: IoBackend,
     flows_asked: usize,
     flows_open: usize,
     relay_flows_open: Option<u64>,
@@ -362,7 +700,14 @@ pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
         target::TargetThread::start("127.0.0.1:0".parse().expect("literal"), Some(a.client_core))?;
     let mut steps = Vec::new();
     for &flows in &a.steps {
-        let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), &[])?;
+        let proc =
+            spawn::start_relay(&a.relay_bin, Some(a.relay_core), &a.io_backend.relay_args())?;
+        let backend = proc.io_backend;
+        eprintln!(
+            "flow-scale: relay I/O backend {} (asked {})",
+            backend.unwrap_or("unknown"),
+            a.io_backend.as_str()
+        );
         std::thread::sleep(Duration::from_millis(300));
         let idle = crate::procfs::sample(proc.pid()).map_or(0, |s| s.rss_kib);
         let mut args = cell_args(
@@ -380,13 +725,16 @@ pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
         args.connections = flows.div_ceil(a.per_connection.max(1));
         args.setup_timeout = 300;
         let label = format!("flow-scale-{flows}");
-        let r = crate::run::run(args.spec(
-            &label,
-            proc.addr,
-            target.addr,
-            Some(proc.pid()),
-            proc.metrics,
-        ));
+        let r = crate::run::run(
+            args.spec(
+                &label,
+                proc.addr,
+                target.addr,
+                Some(proc.pid()),
+                proc.metrics,
+            )
+            .with_io_backend(Some(a.io_backend)),
+        );
         drop(proc);
         let r = match r {
             Ok(r) => r,
@@ -398,6 +746,8 @@ pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
         let rss = r.relay.as_ref().map_or(0, |p| p.rss_kib);
         let open = r.setup.flows_open;
         let step = ScaleStep {
+            io_backend: backend,
+            io_backend_requested: a.io_backend,
             flows_asked: flows,
             flows_open: open,
             relay_flows_open: r.relay.as_ref().and_then(|p| p.flows_open),
@@ -410,11 +760,11 @@ pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
         eprintln!("flow-scale: {step:?}");
         steps.push(step);
     }
-    println!("| flows asked | flows open | relay flows | setup s | relay RSS idle MiB | relay RSS MiB | bytes per flow |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| flows asked | flows open | relay flows | setup s | relay RSS idle MiB | relay RSS MiB | bytes per flow | I/O backend |");
+    println!("|---|---|---|---|---|---|---|---|");
     for s in &steps {
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} (asked {}) |",
             s.flows_asked,
             s.flows_open,
             s.relay_flows_open.map_or("-".into(), |v| v.to_string()),
@@ -422,6 +772,8 @@ pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
             s.rss_idle_kib as f64 / 1024.0,
             s.rss_kib as f64 / 1024.0,
             s.bytes_per_flow.map_or("-".into(), |v| format!("{v:.0}")),
+            s.io_backend.unwrap_or("unknown"),
+            s.io_backend_requested.as_str(),
         );
     }
     crate::write_json(&a.json, &serde_json::json!({ "steps": steps }))?;
@@ -446,6 +798,9 @@ pub struct SetupArgs {
     relay_core: usize,
     #[arg(long, default_value_t = 1)]
     client_core: usize,
+    /// The relay's datagram I/O backend (passed as its --io-backend).
+    #[arg(long, value_enum, default_value = "auto")]
+    io_backend: IoBackend,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -459,7 +814,14 @@ pub fn setup_rate(a: SetupArgs) -> Result<(), BenchError> {
         ("handshakes", a.connections, a.connections),
         ("flows", a.flows, a.flow_connections),
     ] {
-        let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), &[])?;
+        let proc =
+            spawn::start_relay(&a.relay_bin, Some(a.relay_core), &a.io_backend.relay_args())?;
+        println!(
+            "{}: relay I/O backend {} (asked {})",
+            a.protocol.as_str(),
+            proc.io_backend.unwrap_or("unknown"),
+            a.io_backend.as_str()
+        );
         let mut args = cell_args(
             a.relay_core,
             a.client_core,
@@ -472,13 +834,16 @@ pub fn setup_rate(a: SetupArgs) -> Result<(), BenchError> {
         args.rate = flows as u64;
         args.connections = conns;
         args.setup_timeout = 120;
-        let r = crate::run::run(args.spec(
-            &format!("setup-rate-{what}"),
-            proc.addr,
-            target.addr,
-            Some(proc.pid()),
-            proc.metrics,
-        ));
+        let r = crate::run::run(
+            args.spec(
+                &format!("setup-rate-{what}"),
+                proc.addr,
+                target.addr,
+                Some(proc.pid()),
+                proc.metrics,
+            )
+            .with_io_backend(Some(a.io_backend)),
+        );
         drop(proc);
         match r {
             Ok(r) => {

@@ -78,6 +78,7 @@ async fn group(
                     k += 1;
                     true
                 });
+                rec.timed_out += load.take_timeouts();
                 k
             };
             if n > 0 {
@@ -85,10 +86,11 @@ async fn group(
                     out[..n].iter().map(|b| (&b[..], None)).collect();
                 let took = sock.try_send(&msgs).unwrap_or(0);
                 let mut rec = ctx.rec.borrow_mut();
-                for k in took..n {
+                // Last first: each cancel takes back its flow's most recent send.
+                for k in (took..n).rev() {
                     rec.unsend(&out[k]);
                     // Hand the credit back: the datagram never left.
-                    load.on_reply(flow_of[k], now);
+                    load.cancel(flow_of[k]);
                 }
                 sent_any = took > 0;
                 blocked = took < n;

@@ -186,17 +186,30 @@ impl Relay {
             gso = io::dgram::gso_supported(),
             "datagram I/O backend"
         );
-        // The first listener fixes the port (port 0 picks one); the others share it.
-        let first = io::tcp::reuseport_listener(config.listen, 1024).map_err(|source| {
-            StartError::Listen {
+        // The first listener fixes the port (port 0 picks one); the others share it. HTTP/3
+        // needs the same port on UDP: when the kernel picked a TCP port whose UDP twin is
+        // taken, pick again.
+        let mut attempts = 0;
+        let (first, local_addr) = loop {
+            let first = io::tcp::reuseport_listener(config.listen, 1024).map_err(|source| {
+                StartError::Listen {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
+            let local_addr = first.local_addr().map_err(|source| StartError::Listen {
                 addr: config.listen,
                 source,
+            })?;
+            attempts += 1;
+            let udp_taken = config.http3.enabled
+                && config.listen.port() == 0
+                && attempts < 16
+                && std::net::UdpSocket::bind(local_addr).is_err();
+            if !udp_taken {
+                break (first, local_addr);
             }
-        })?;
-        let local_addr = first.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        };
         let mut listeners = vec![first];
         for _ in 1..config.workers {
             listeners.push(

@@ -213,7 +213,7 @@ const POOL_FREE: Family = family(
     "masque_relay_buffer_pool_free",
     GAUGE,
     &["worker", "pool"],
-    "Receive buffers free in the worker's pool (target or quic) as of its last pass.",
+    "Receive buffers free in the worker's pool (target or quic).",
 );
 
 /// Every family the collector emits, in output order.

@@ -315,7 +315,8 @@ pub struct WorkerStats {
     pub io_completions: Counter,
     /// Send messages handed to the kernel by the passes.
     pub io_submissions: Counter,
-    /// Free receive buffers, per pool (`target`, `quic`), as of the last pass.
+    /// Free receive buffers, per pool (`target`, `quic`), updated at each pass and each
+    /// buffer given back.
     pub pool_free: [Gauge; 2],
     pub connections_accepted: [Counter; 3],
     /// Connections closed without a reason, by protocol (exported as reason `other`); see

@@ -44,6 +44,8 @@ use crate::worker::{Phase, WorkerCtx};
 pub const ALPN_H3: &[u8] = b"h3";
 /// Length of the connection IDs the relay issues.
 pub const CID_LEN: usize = 8;
+/// Bytes in one GSO train at most (a UDP send carries at most 65,507).
+const MAX_GSO_BYTES: usize = 65_000;
 /// Datagram events handled per wake-up before transmits and timers get their turn.
 const RECV_BUDGET: usize = 64;
 
@@ -443,12 +445,16 @@ impl QuicDriver {
 
     /// Polls every dirty connection until it has nothing more to say.
     fn drive_dirty(&mut self, now: Instant, this: &Shared) {
-        let max_gso = self.max_gso;
         while let Some(&ch) = self.dirty.iter().next() {
             self.dirty.remove(&ch);
             let Some(mut c) = self.conns.remove(&ch) else {
                 continue;
             };
+            // A GSO train must fit in one UDP send (64 KiB): the kernel refuses a longer one
+            // with EMSGSIZE, losing the whole train, which quinn-proto would then take for a
+            // path MTU problem.
+            let mtu = usize::from(c.conn.current_mtu()).max(1);
+            let max_gso = self.max_gso.min(MAX_GSO_BYTES / mtu).max(1);
             loop {
                 // 1. transmit (GSO batches)
                 loop {

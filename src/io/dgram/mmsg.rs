@@ -336,7 +336,7 @@ impl Poller {
         gso: bool,
     ) -> usize {
         let mut sent_total = 0;
-        let start = 0;
+        let mut start = 0;
         while start < q.len() {
             let id = q[start].id;
             let target = table
@@ -403,10 +403,11 @@ impl Poller {
                     done += r;
                 }
             }
-            for r in q.drain(start..end) {
-                if let Payload::Owned(b) = r.payload {
-                    tx_bufs.push(b);
-                }
+            start = end;
+        }
+        for r in q.drain(..) {
+            if let Payload::Owned(b) = r.payload {
+                tx_bufs.push(b);
             }
         }
         sent_total

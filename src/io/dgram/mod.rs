@@ -506,6 +506,8 @@ fn encode_sockaddr(a: SocketAddr, out: &mut [u8]) -> usize {
     }
 }
 
+// One per worker: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Io {
     Uring(uring::Ring),
     Mmsg(mmsg::Poller),
@@ -826,6 +828,12 @@ impl Engine {
         match self.inner.try_borrow_mut() {
             Ok(mut inner) => {
                 let starved = give_back(&mut inner.io, &self.pools, b);
+                let free = match &inner.io {
+                    Io::Uring(r) => r.free(),
+                    Io::Mmsg(p) => p.free(),
+                };
+                let g = b.group.index();
+                self.stats.pool_free[g].set(u64::from(free[g]));
                 if starved {
                     drop(inner);
                     self.poke();
@@ -868,6 +876,11 @@ impl Engine {
                 self.gso,
             ),
         };
+        let more = more
+            || match &mut inner.io {
+                Io::Uring(r) => r.pending(),
+                Io::Mmsg(_) => false,
+            };
         stats.io_passes.inc();
         stats.io_completions.add(completions as u64);
         stats.io_submissions.add(submitted as u64);
@@ -889,6 +902,9 @@ impl Engine {
                 biased;
                 r = self.wait.readable() => match r {
                     Ok(mut guard) => {
+                        if let Io::Uring(r) = &self.inner.borrow().io {
+                            r.ack();
+                        }
                         let more = self.pass();
                         if more {
                             self.poke();

@@ -9,7 +9,7 @@
 
 use std::alloc::{self, Layout};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -140,8 +140,12 @@ pub(super) struct Ring {
     rearm: Vec<(u32, u32)>,
     /// Sockets whose receive stopped for lack of buffers.
     starved: Vec<(u32, u32)>,
+    /// Cancels the submission queue had no room for.
+    cancels: Vec<(u32, u32)>,
     /// The buffer rings are unregistered: their memory may be freed.
     unregistered: bool,
+    /// Signalled by the kernel when deferred completions wait (deferred task running only).
+    eventfd: Option<OwnedFd>,
 }
 
 /// Checks that io_uring is permitted and offers what the engine needs, with a live test of a
@@ -229,9 +233,39 @@ pub fn probe() -> Result<(), String> {
 
 impl Ring {
     pub fn new(pools: &[Pool; 2]) -> io::Result<Ring> {
-        let ring = IoUring::builder()
+        // Deferred task running (Linux 6.1+): completions are posted when this thread asks
+        // (an enter with GETEVENTS at each pass), in batches, instead of interrupting the
+        // thread for every datagram the network delivers. The kernel signals an eventfd when
+        // such work is waiting; the worker's reactor waits on that. Without it, the ring fd
+        // itself is polled and the kernel posts completions as they happen.
+        let deferred = IoUring::builder()
             .setup_cqsize(SQ_ENTRIES * 4)
-            .build(SQ_ENTRIES)?;
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .build(SQ_ENTRIES);
+        let (ring, eventfd) = match deferred {
+            Ok(ring) => {
+                // SAFETY: eventfd takes no pointers; the result is checked.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `fd` is a fresh eventfd that nothing else owns.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                ring.submitter().register_eventfd(fd)?;
+                (ring, Some(owned))
+            }
+            Err(e) => {
+                debug!(error = %e, "io_uring without deferred task running");
+                (
+                    IoUring::builder()
+                        .setup_cqsize(SQ_ENTRIES * 4)
+                        .build(SQ_ENTRIES)?,
+                    None,
+                )
+            }
+        };
         let mut bufs = [
             BufRing::new(&ring, 0, pools[0].count())?,
             BufRing::new(&ring, 1, pools[1].count())?,
@@ -257,33 +291,56 @@ impl Ring {
             cqes: Vec::with_capacity(super::PASS_BUDGET),
             rearm: Vec::new(),
             starved: Vec::new(),
+            cancels: Vec::new(),
             unregistered: false,
+            eventfd,
         })
     }
 
+    /// What the worker's reactor waits on: the eventfd the kernel signals when deferred work
+    /// is waiting, or the ring itself.
     pub fn fd(&self) -> RawFd {
-        self.ring.as_raw_fd()
+        match &self.eventfd {
+            Some(e) => e.as_raw_fd(),
+            None => self.ring.as_raw_fd(),
+        }
+    }
+
+    /// Completions are waiting in the queue (another pass is due).
+    pub fn pending(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Clears the eventfd's count after a wake-up.
+    pub fn ack(&self) {
+        if let Some(e) = &self.eventfd {
+            let mut v = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a live local buffer; non-blocking.
+            unsafe { libc::read(e.as_raw_fd(), v.as_mut_ptr().cast(), v.len()) };
+        }
     }
 
     pub fn free(&self) -> [u16; 2] {
         [self.bufs[0].free, self.bufs[1].free]
     }
 
-    fn push_sqe(&mut self, sqe: &squeue::Entry) {
-        loop {
+    /// Queues an SQE; when the queue is full, submits what it holds and tries once more.
+    /// False when the kernel cannot take more now (the caller retries at a later pass or
+    /// drops).
+    fn push_sqe(&mut self, sqe: &squeue::Entry) -> bool {
+        for attempt in 0..2 {
             // SAFETY: every SQE built here points only at memory the engine keeps alive until
             // its final completion (see the module docs).
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                return;
+                return true;
             }
-            // Full: hand what is queued to the kernel and try again.
-            if let Err(e) = self.ring.submit() {
-                debug!(error = %e, "io_uring submit failed");
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EAGAIN) {
-                    return;
+            if attempt == 0 {
+                if let Err(e) = self.ring.submit() {
+                    debug!(error = %e, "io_uring submit failed");
                 }
             }
         }
+        false
     }
 
     /// Starts the multishot receive of a socket.
@@ -298,8 +355,12 @@ impl Ring {
         let sqe = opcode::RecvMsgMulti::new(Fd(s.sock.as_raw_fd()), &*self.recv_hdr[g], g as u16)
             .build()
             .user_data(user_data(KIND_RECV, idx, s.gen));
-        s.armed = true;
-        self.push_sqe(&sqe);
+        let gen = s.gen;
+        if self.push_sqe(&sqe) {
+            s.armed = true;
+        } else {
+            self.rearm.push((idx, gen)); // next pass
+        }
         Ok(())
     }
 
@@ -307,7 +368,9 @@ impl Ring {
         let sqe = opcode::AsyncCancel::new(user_data(KIND_RECV, idx, gen))
             .build()
             .user_data(user_data(KIND_CANCEL, idx, gen));
-        self.push_sqe(&sqe);
+        if !self.push_sqe(&sqe) {
+            self.cancels.push((idx, gen)); // next pass
+        }
     }
 
     /// Returns a buffer to its ring; true when a starved receive waits for a pass.
@@ -326,6 +389,13 @@ impl Ring {
         tx_bufs: &mut Vec<Vec<u8>>,
     ) -> (usize, bool) {
         self.cqes.clear();
+        // Deferred task running: completions are posted by an enter with GETEVENTS, which
+        // `submit` adds when the kernel flagged waiting work (IORING_SQ_TASKRUN).
+        if self.eventfd.is_some() && self.ring.submission().taskrun() {
+            if let Err(e) = self.ring.submit() {
+                debug!(error = %e, "io_uring enter failed");
+            }
+        }
         {
             let mut cq = self.ring.completion();
             cq.sync();
@@ -346,15 +416,20 @@ impl Ring {
                 _ => {}
             }
         }
+        for (idx, gen) in std::mem::take(&mut self.cancels) {
+            self.cancel(idx, gen);
+        }
         // Restart receives that ended (multishot stops on CQ overflow, errors, or no buffers).
-        let rearm = std::mem::take(&mut self.rearm);
+        let mut rearm = std::mem::take(&mut self.rearm);
         for &(idx, gen) in &rearm {
             if table.get(idx, gen).is_some() {
                 let _ = self.arm(table, idx);
             }
         }
+        // Keep the list's allocation; what failed to re-arm again waits for the next pass.
+        rearm.clear();
+        rearm.append(&mut self.rearm);
         self.rearm = rearm;
-        self.rearm.clear();
         // Receives that ran out of buffers restart once an eighth of the pool is back.
         if !self.starved.is_empty() {
             let starved = std::mem::take(&mut self.starved);
@@ -503,58 +578,79 @@ impl Ring {
         gso: bool,
     ) -> usize {
         let mut messages = 0;
-        let start = 0;
-        while start < q.len() {
-            let n = message_len(&q[start..], gso);
-            let reqs = &q[start..start + n];
+        let mut i = 0;
+        while i < q.len() {
+            let n = message_len(&q[i..], gso);
+            let reqs = &mut q[i..i + n];
+            i += n;
             let id = reqs[0].id;
             message_lens(reqs, lens);
-            let target = table
+            let Some((fd, ipv6)) = table
                 .get(id.idx, id.gen)
-                .map(|s| (s.sock.as_raw_fd(), s.ipv6));
-            match target {
-                Some((fd, ipv6)) if self.ops.len() < MAX_IN_FLIGHT => {
-                    let mut op = self.spare.pop().unwrap_or_else(|| {
-                        Box::new(SendOp {
-                            msg: MsgStore::new(),
-                            payloads: Vec::with_capacity(super::MAX_SEGMENTS),
-                            idx: 0,
-                            gen: 0,
-                            datagrams: 0,
-                        })
-                    });
-                    op.msg.fill(reqs, ipv6);
-                    op.idx = id.idx;
-                    op.gen = id.gen;
-                    op.datagrams = lens.len() as u16;
-                    let key = self.ops.vacant_entry().key() as u32;
-                    let sqe = opcode::SendMsg::new(Fd(fd), &op.msg.hdr)
-                        .build()
-                        .user_data(user_data(KIND_SEND, key, 0));
-                    // Move the payloads into the operation: the iovecs point into them, and
-                    // moving a Bytes or a Vec does not move the bytes.
-                    for r in q.drain(start..start + n) {
-                        op.payloads.push(r.payload);
-                    }
-                    self.ops.insert(op);
-                    self.push_sqe(&sqe);
-                    messages += 1;
-                    continue; // q shrank: `start` now names the next request
-                }
-                Some(_) => {
-                    // Too many sends in flight: drop like a full socket buffer.
-                    table.send_failed(id.idx, id.gen, libc::EAGAIN, lens.len());
-                }
-                None => {}
+                .map(|s| (s.sock.as_raw_fd(), s.ipv6))
+            else {
+                continue; // the socket closed meanwhile
+            };
+            if self.ops.len() >= MAX_IN_FLIGHT {
+                // Too many sends in flight: dropped like a full socket buffer.
+                table.send_failed(id.idx, id.gen, libc::EAGAIN, lens.len());
+                continue;
             }
-            for r in q.drain(start..start + n) {
-                if let Payload::Owned(b) = r.payload {
-                    tx_bufs.push(b);
+            let mut op = self.spare.pop().unwrap_or_else(|| {
+                Box::new(SendOp {
+                    msg: MsgStore::new(),
+                    payloads: Vec::with_capacity(super::MAX_SEGMENTS),
+                    idx: 0,
+                    gen: 0,
+                    datagrams: 0,
+                })
+            });
+            op.msg.fill(reqs, ipv6);
+            op.idx = id.idx;
+            op.gen = id.gen;
+            op.datagrams = lens.len() as u16;
+            // Move the payloads into the operation: the iovecs point into them, and moving a
+            // Bytes or a Vec does not move the bytes. An empty Bytes (no allocation) is left.
+            for r in reqs.iter_mut() {
+                op.payloads.push(std::mem::replace(
+                    &mut r.payload,
+                    Payload::Shared(bytes::Bytes::new()),
+                ));
+            }
+            let key = self.ops.insert(op) as u32;
+            // MSG_DONTWAIT: a full socket buffer fails the send (dropped and counted) rather
+            // than parking it in the kernel until there is room (no queueing, RFC 9298 §6).
+            let sqe = opcode::SendMsg::new(Fd(fd), &self.ops[key as usize].msg.hdr)
+                .flags(libc::MSG_DONTWAIT as u32)
+                .build()
+                .user_data(user_data(KIND_SEND, key, 0));
+            if self.push_sqe(&sqe) {
+                messages += 1;
+            } else {
+                // The kernel cannot take more now: dropped like a full socket buffer.
+                let mut op = self.ops.remove(key as usize);
+                table.send_failed(id.idx, id.gen, libc::EAGAIN, lens.len());
+                for p in op.payloads.drain(..) {
+                    if let Payload::Owned(b) = p {
+                        tx_bufs.push(b);
+                    }
                 }
+                self.spare.push(op);
             }
         }
-        if let Err(e) = self.ring.submit() {
-            debug!(error = %e, "io_uring submit failed");
+        // What was not moved into an operation (dropped sends) gives its buffers back.
+        for r in q.drain(..) {
+            if let Payload::Owned(b) = r.payload {
+                tx_bufs.push(b);
+            }
+        }
+        // One enter per pass: it submits what the pass queued and, with deferred task
+        // running, posts the completions waiting (collected at the next pass).
+        let work = self.eventfd.is_some() && self.ring.submission().taskrun();
+        if !self.ring.submission().is_empty() || work {
+            if let Err(e) = self.ring.submit() {
+                debug!(error = %e, "io_uring submit failed");
+            }
         }
         messages
     }
