@@ -177,8 +177,14 @@ struct Proc {
 }
 
 impl Proc {
+    /// Starts the binary on this test file's datagram backend (see `common::io_backend`).
     fn start(args: &[&str]) -> Proc {
-        Self::start_with(|_| {}, args)
+        Self::start_with(
+            |c| {
+                c.args(["--io-backend", io_backend_flag()]);
+            },
+            args,
+        )
     }
 
     /// [`Proc::start`] with changes to the command (a sandbox, say).
@@ -636,16 +642,19 @@ async fn where_io_uring_is_forbidden_the_relay_falls_back_and_relays() {
 fn the_flag_forces_the_fallback() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let p = Proc::start(&[
-        "--listen",
-        &listen,
-        "--workers",
-        "1",
-        "--metrics",
-        "off",
-        "--io-backend",
-        "mmsg",
-    ]);
+    let p = Proc::start_with(
+        |_| {},
+        &[
+            "--listen",
+            &listen,
+            "--workers",
+            "1",
+            "--metrics",
+            "off",
+            "--io-backend",
+            "mmsg",
+        ],
+    );
     let log = p.log.lock().unwrap().clone();
     assert!(
         log.lines()

@@ -113,6 +113,8 @@ impl RelayProc {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.push("--io-backend".into());
+        args.push(super::common::io_backend_flag().into());
         args.push("--cert".into());
         args.push(cert.to_str().unwrap().into());
         args.push("--key".into());

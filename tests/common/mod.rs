@@ -24,6 +24,14 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// twice: as itself (io_uring when this machine offers it, `auto`) and through a `*_mmsg.rs`
 /// twin that includes it as a module named `on_mmsg`, which runs it on the recvmmsg/sendmmsg
 /// fallback. The twin's module path is how the harness tells them apart.
+/// [`io_backend`] as the relay binary's `--io-backend` value.
+pub fn io_backend_flag() -> &'static str {
+    match io_backend() {
+        masque_relay::io::dgram::Choice::Mmsg => "mmsg",
+        _ => "auto",
+    }
+}
+
 pub fn io_backend() -> masque_relay::io::dgram::Choice {
     if module_path!().contains("on_mmsg") {
         masque_relay::io::dgram::Choice::Mmsg
