@@ -42,11 +42,6 @@ impl QuicSocket {
         self.state.max_gso_segments()
     }
 
-    /// Datagrams one receive may return with GRO (1 without it).
-    pub fn gro_segments(&self) -> usize {
-        self.state.gro_segments()
-    }
-
     /// False when the kernel will not fragment (DF set): path MTU discovery is safe.
     pub fn may_fragment(&self) -> bool {
         self.state.may_fragment()

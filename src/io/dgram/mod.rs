@@ -640,10 +640,6 @@ impl Engine {
         })
     }
 
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     /// Whether sends use UDP GSO.
     pub fn gso(&self) -> bool {
         self.gso

@@ -24,14 +24,6 @@ impl Group {
     pub fn index(self) -> usize {
         self as usize
     }
-
-    pub fn from_index(i: u8) -> Group {
-        if i == 1 {
-            Group::Quic
-        } else {
-            Group::Target
-        }
-    }
 }
 
 /// A buffer id within a group.
