@@ -598,7 +598,15 @@ async fn where_io_uring_is_forbidden_the_relay_falls_back_and_relays() {
     forbid_io_uring(&mut forced)
         .args(args)
         .args(["--io-backend", "uring"]);
-    let out = forced.output().unwrap();
+    let out = match forced.output() {
+        Ok(out) => out,
+        // A kernel built without seccomp filters cannot play the container here.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("seccomp filters unavailable ({e}); skipped");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

