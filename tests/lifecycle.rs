@@ -439,7 +439,9 @@ async fn a_second_process_takes_over_the_port_while_the_first_drains() {
     let _new = Proc::start(&args);
     old.signal("TERM");
     old.wait_log("draining");
-    // New connections reach the new process...
+    // Once the old listener is closed (a connection queued on it just before is reset, as the
+    // README says), new connections reach the new process...
+    old.wait_log("worker stopped accepting");
     for _ in 0..5 {
         let mut c = h2_to(addr, &der).await;
         let (resp, _, _) = connect_udp(&mut c, &udp_path("127.0.0.1", target.addr.port())).await;

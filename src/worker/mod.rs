@@ -278,6 +278,9 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
             ctx.stats.connection_ended(version, why);
         });
     }
+    // Closed before the log line says so: an operator (or a test) handing the port over to a
+    // new process can rely on it.
+    drop(listener);
     info!(worker = ctx.id, "worker stopped accepting");
 }
 
