@@ -248,7 +248,7 @@ async fn sender(ctx: &Ctx, group: &RefCell<Group>, replies: &Notify, base: usize
             let mut dead = Vec::new();
             if sending {
                 let mut rec = ctx.rec.borrow_mut();
-                load.poll(now, 64, |i| {
+                let sent = load.poll(now, 64, |i| {
                     let Some(s) = sends[i].as_mut() else {
                         dead.push(i);
                         return false;
@@ -277,6 +277,8 @@ async fn sender(ctx: &Ctx, group: &RefCell<Group>, replies: &Notify, base: usize
                         }
                     }
                 });
+                // Blocked only when no flow could send: otherwise go on at once.
+                blocked &= sent == 0;
                 rec.timed_out += load.take_timeouts();
             }
             for i in dead {

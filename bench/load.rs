@@ -261,7 +261,10 @@ impl Load {
         match self.shape {
             Shape::Closed { loss_timeout, .. } => {
                 self.expire(now, loss_timeout);
-                while sent < budget {
+                // A flow that cannot send now goes to the back of the queue (it keeps its
+                // credit); a full round of refusals ends the poll.
+                let mut refused = 0;
+                while sent < budget && refused < self.ready.len() {
                     let Some(&i) = self.ready.front() else { break };
                     if !self.flows[i as usize].open {
                         self.flows[i as usize].queued = false;
@@ -269,8 +272,11 @@ impl Load {
                         continue;
                     }
                     if !send(i as usize) {
-                        break;
+                        self.ready.rotate_left(1);
+                        refused += 1;
+                        continue;
                     }
+                    refused = 0;
                     sent += 1;
                     let f = &mut self.flows[i as usize];
                     f.credit -= 1;
@@ -292,23 +298,33 @@ impl Load {
                 self.last = Some(now);
                 let cap = (per_sec * MAX_BANK_SECS).max(1.0);
                 self.tokens = (self.tokens + per_sec * dt).min(cap);
-                while sent < budget && self.tokens >= 1.0 {
+                // A flow that cannot send now (no flow-control credit) is skipped, not waited
+                // on: waiting on it would hold back the flows that do have credit, and with
+                // HTTP/2 those may be holding the very connection credit it waits for.
+                let mut refused = 0;
+                while sent < budget && self.tokens >= 1.0 && refused < self.open.len() {
                     let i = self.open[self.rr % self.open.len()] as usize;
-                    if !send(i) {
-                        break;
-                    }
                     self.rr = self.rr.wrapping_add(1);
+                    if !send(i) {
+                        refused += 1;
+                        continue;
+                    }
+                    refused = 0;
                     self.tokens -= 1.0;
                     sent += 1;
                 }
             }
             Shape::Unlimited => {
-                while sent < budget && !self.open.is_empty() {
+                // As for Rate: a refusing flow is skipped; a full round of refusals ends the poll.
+                let mut refused = 0;
+                while sent < budget && refused < self.open.len() {
                     let i = self.open[self.rr % self.open.len()] as usize;
-                    if !send(i) {
-                        break;
-                    }
                     self.rr = self.rr.wrapping_add(1);
+                    if !send(i) {
+                        refused += 1;
+                        continue;
+                    }
+                    refused = 0;
                     sent += 1;
                 }
             }
@@ -558,6 +574,34 @@ mod tests {
         l.on_reply(0, now);
         assert_eq!(l.poll(now, 100, |_| false), 0);
         assert!(l.has_ready());
+    }
+
+    #[test]
+    fn a_flow_without_credit_is_skipped_not_waited_on() {
+        // HTTP/2: a stream with no flow-control credit must not hold back the others (they
+        // may hold the connection credit it waits for).
+        let now = Instant::now();
+        for shape in [Shape::Unlimited, Shape::Rate { per_sec: 1e9 }, closed(2)] {
+            let mut l = Load::new(shape, 3);
+            for f in 0..3 {
+                l.open_flow(f, now);
+            }
+            // Rate: the first poll starts the bucket's clock; it fills until `later`.
+            l.poll(now, 0, |_| true);
+            let later = now + Duration::from_millis(10);
+            let mut sent = Vec::new();
+            l.poll(later, 6, |f| {
+                if f == 0 {
+                    return false;
+                }
+                sent.push(f);
+                true
+            });
+            assert!(!sent.is_empty(), "{shape:?}: nothing sent");
+            assert!(sent.contains(&1) && sent.contains(&2), "{shape:?}: {sent:?}");
+            // When every flow refuses, the poll ends instead of spinning.
+            assert_eq!(l.poll(later, 100, |_| false), 0, "{shape:?}");
+        }
     }
 
     #[test]
