@@ -598,7 +598,10 @@ mod tests {
                 true
             });
             assert!(!sent.is_empty(), "{shape:?}: nothing sent");
-            assert!(sent.contains(&1) && sent.contains(&2), "{shape:?}: {sent:?}");
+            assert!(
+                sent.contains(&1) && sent.contains(&2),
+                "{shape:?}: {sent:?}"
+            );
             // When every flow refuses, the poll ends instead of spinning.
             assert_eq!(l.poll(later, 100, |_| false), 0, "{shape:?}");
         }
