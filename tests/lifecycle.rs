@@ -283,6 +283,40 @@ fn write_cert(
     (c, k, ck.cert.der().to_vec())
 }
 
+/// The arguments every binary test starts the relay with: `listen`, `workers` workers, no
+/// metrics, loopback targets allowed, the test's certificate; then `extra`.
+fn relay_args(
+    listen: &str,
+    workers: u32,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--listen",
+        listen,
+        "--workers",
+        &workers.to_string(),
+        "--metrics",
+        "off",
+        "--allow-target",
+        "127.0.0.0/8",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 async fn h2_to(addr: std::net::SocketAddr, trusted: &[u8]) -> h2::client::SendRequest<Bytes> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trusted.to_vec().into()).unwrap();
@@ -307,22 +341,8 @@ async fn sigterm_drains_then_exits_by_the_deadline() {
     let (cert, key, der) = write_cert(dir.path(), "a");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut p = Proc::start(&[
-        "--listen",
-        &listen,
-        "--workers",
-        "1",
-        "--metrics",
-        "off",
-        "--allow-target",
-        "127.0.0.0/8",
-        "--drain-timeout",
-        "2",
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ]);
+    let args = relay_args(&listen, 1, &cert, &key, &["--drain-timeout", "2"]);
+    let mut p = Proc::start(&as_strs(&args));
     let target = EchoTarget::start("127.0.0.1:0");
     let addr = listen.parse().unwrap();
     let mut client = h2_to(addr, &der).await;
@@ -412,22 +432,8 @@ async fn a_second_process_takes_over_the_port_while_the_first_drains() {
     let (cert, key, der) = write_cert(dir.path(), "a");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let args = [
-        "--listen",
-        &listen,
-        "--workers",
-        "1",
-        "--metrics",
-        "off",
-        "--allow-target",
-        "127.0.0.0/8",
-        "--drain-timeout",
-        "5",
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ];
+    let args = relay_args(&listen, 1, &cert, &key, &["--drain-timeout", "5"]);
+    let args = as_strs(&args);
     let mut old = Proc::start(&args);
     let target = EchoTarget::start("127.0.0.1:0");
     let addr: std::net::SocketAddr = listen.parse().unwrap();
@@ -502,21 +508,8 @@ async fn after_a_restart_http3_is_steered_to_the_new_workers() {
     let (cert, key, der) = write_cert(dir.path(), "a");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let args = [
-        "--listen",
-        &listen,
-        "--workers",
-        "2",
-        "--no-pin",
-        "--metrics",
-        "off",
-        "--allow-target",
-        "127.0.0.0/8",
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ];
+    let args = relay_args(&listen, 2, &cert, &key, &["--no-pin"]);
+    let args = as_strs(&args);
     let mut old = Proc::start(&args);
     let _new = Proc::start(&args);
     old.signal("TERM");
@@ -582,23 +575,11 @@ async fn where_io_uring_is_forbidden_the_relay_falls_back_and_relays() {
     let (cert, key, der) = write_cert(dir.path(), "a");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let args = [
-        "--listen",
-        &listen,
-        "--workers",
-        "1",
-        "--metrics",
-        "off",
-        "--allow-target",
-        "127.0.0.0/8",
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ];
+    let args = relay_args(&listen, 1, &cert, &key, &[]);
+    let args = as_strs(&args);
     let mut forced = Command::new(env!("CARGO_BIN_EXE_masque-relay"));
     forbid_io_uring(&mut forced)
-        .args(args)
+        .args(&args)
         .args(["--io-backend", "uring"]);
     let out = match forced.output() {
         Ok(out) => out,
