@@ -209,6 +209,12 @@ const IO_SUBMISSIONS: Family = family(
     &["worker"],
     "Send messages handed to the kernel (one GSO message may carry several datagrams).",
 );
+const RECEIVE_PAUSED: Family = family(
+    "masque_relay_receive_paused_total",
+    COUNTER,
+    &["worker", "pool"],
+    "Times receiving paused because the pool had no free buffer (datagrams wait in the kernel).",
+);
 const POOL_FREE: Family = family(
     "masque_relay_buffer_pool_free",
     GAUGE,
@@ -217,7 +223,7 @@ const POOL_FREE: Family = family(
 );
 
 /// Every family the collector emits, in output order.
-pub const FAMILIES: [&Family; 28] = [
+pub const FAMILIES: [&Family; 29] = [
     &BUILD_INFO,
     &IO_BACKEND_INFO,
     &CONNECTIONS_ACCEPTED,
@@ -246,6 +252,7 @@ pub const FAMILIES: [&Family; 28] = [
     &IO_COMPLETIONS,
     &IO_SUBMISSIONS,
     &POOL_FREE,
+    &RECEIVE_PAUSED,
 ];
 
 /// Drop reasons the issue names that no code path produces yet; exported as 0 so dashboards and
@@ -571,6 +578,13 @@ impl Collector for RelayCollector {
         for (w, s) in self.workers() {
             b.value(&[w, "target"], s.pool_free[0].get());
             b.value(&[w, "quic"], s.pool_free[1].get());
+        }
+        out.push(b.finish());
+
+        let mut b = Builder::new(&RECEIVE_PAUSED);
+        for (w, s) in self.workers() {
+            b.value(&[w, "target"], s.receive_paused[0].get());
+            b.value(&[w, "quic"], s.receive_paused[1].get());
         }
         out.push(b.finish());
 

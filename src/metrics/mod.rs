@@ -318,6 +318,10 @@ pub struct WorkerStats {
     /// Free receive buffers, per pool (`target`, `quic`), updated at each pass and each
     /// buffer given back.
     pub pool_free: [Gauge; 2],
+    /// Times receiving stopped because a pool had no free buffer, per pool: the datagrams
+    /// wait in the kernel's socket buffers until buffers come back (those the kernel then
+    /// drops are counted as `socket_buffer_full`).
+    pub receive_paused: [Counter; 2],
     pub connections_accepted: [Counter; 3],
     /// Connections closed without a reason, by protocol (exported as reason `other`); see
     /// [`WorkerStats::connection_ended`] for the classified ones.
@@ -365,6 +369,7 @@ impl Default for WorkerStats {
             io_completions: Counter::default(),
             io_submissions: Counter::default(),
             pool_free: Default::default(),
+            receive_paused: Default::default(),
             connections_accepted: Default::default(),
             connections_closed: Default::default(),
             connections_closed_by_reason: Default::default(),
@@ -458,8 +463,13 @@ impl WorkerStats {
     }
     #[inline]
     pub fn dropped(&self, r: DropReason) {
+        self.dropped_n(r, 1);
+    }
+
+    /// `n` datagrams dropped for the same reason.
+    pub fn dropped_n(&self, r: DropReason, n: u64) {
         let i = DropReason::ALL.iter().position(|&x| x == r).unwrap_or(0);
-        self.drops[i].inc();
+        self.drops[i].add(n);
     }
     /// Flows currently open on this worker.
     pub fn flows_open(&self) -> u64 {

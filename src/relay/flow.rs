@@ -39,9 +39,13 @@ pub enum DropReason {
     Malformed,
     /// Over the flow's datagram rate (`limits.datagrams_per_second`).
     RateLimit,
-    /// The worker's receive buffer pool had no free buffer (the datagram waited in the socket
-    /// buffer and was lost there, or a socket's backlog of received datagrams was full).
+    /// A socket's backlog of received datagrams held its share of the worker's receive buffer
+    /// pool: the consumer is behind, and the datagram was dropped rather than take the
+    /// buffers other sockets need.
     NoBuffer,
+    /// The kernel dropped it: the socket's receive buffer was full (reported by
+    /// `SO_RXQ_OVFL` with the next datagram the socket delivers).
+    SocketBufferFull,
     /// Longer than the worker's receive buffers (`io.target_buffer_size`): cut short by the
     /// kernel, so dropped rather than relayed incomplete.
     Truncated,
@@ -49,7 +53,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// All reasons, for metric label enumeration.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::UnknownContext,
         DropReason::TooLarge,
         DropReason::ClientNotReading,
@@ -58,6 +62,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::RateLimit,
         DropReason::NoBuffer,
+        DropReason::SocketBufferFull,
         DropReason::Truncated,
     ];
 
@@ -72,6 +77,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::RateLimit => "rate_limit",
             DropReason::NoBuffer => "buffer_pool_empty",
+            DropReason::SocketBufferFull => "socket_buffer_full",
             DropReason::Truncated => "truncated_receive",
         }
     }

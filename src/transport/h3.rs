@@ -216,7 +216,7 @@ impl H3Conn {
                 quinn_proto::Event::HandshakeDataReady => {}
                 quinn_proto::Event::ConnectionLost { reason } => {
                     debug!(%reason, "HTTP/3 connection lost");
-                    self.close_all_flows(ctx);
+                    self.close_all_flows(ctx, CloseReason::ClientAbort);
                 }
                 quinn_proto::Event::Stream(StreamEvent::Opened { .. }) => {
                     self.accept_streams(ch, now, ctx, shared)
@@ -251,7 +251,15 @@ impl H3Conn {
         any
     }
 
-    fn open_control(&mut self) {
+    /// Opens the control stream and queues SETTINGS on it. Called when the connection is
+    /// accepted, so SETTINGS leave as 0.5-RTT data with the handshake flight (RFC 9114 §6.2.1:
+    /// "at the beginning of the connection"); a client that waits for them before its first
+    /// request has them once its handshake completes. Again at `Connected` if the stream could
+    /// not be opened yet.
+    pub fn open_control(&mut self) {
+        if self.control.is_some() {
+            return;
+        }
         let Some(id) = self.conn.streams().open(Dir::Uni) else {
             return;
         };
@@ -823,11 +831,16 @@ impl H3Conn {
         let _ = self.conn.recv_stream(id).stop(varint_of(code));
     }
 
-    /// The connection is gone: every flow ends.
-    pub fn close_all_flows(&mut self, ctx: &WorkerCtx) {
+    /// The connection is gone (or the relay stops): every flow ends, for `reason`.
+    pub fn close_all_flows(&mut self, ctx: &WorkerCtx, reason: CloseReason) {
         for (_, mut req) in self.requests.drain() {
-            end_flow(&mut req, CloseReason::ClientAbort, ctx);
+            end_flow(&mut req, reason, ctx);
         }
+    }
+
+    /// True once the connection has been closed from this side.
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     /// Sends one target datagram to the client: a QUIC DATAGRAM frame, or a capsule on the

@@ -37,6 +37,7 @@ use super::h3::H3Conn;
 use crate::io::dgram::{self, Engine, Role, SockId};
 use crate::io::quic_socket::QuicSocket;
 use crate::proto::connect_udp::HttpVersion;
+use crate::relay::flow::CloseReason;
 use crate::transport::tls::{self, Identity, TlsError};
 use crate::worker::{Phase, WorkerCtx};
 
@@ -48,6 +49,12 @@ pub const CID_LEN: usize = 8;
 const MAX_GSO_BYTES: usize = 65_000;
 /// Datagram events handled per wake-up before transmits and timers get their turn.
 const RECV_BUDGET: usize = 64;
+/// Connections polled in one pass at most; the rest stay marked for the next one.
+const CONNS_PER_PASS: usize = 256;
+/// Rounds (transmit, timer, endpoint events, HTTP/3 events) one connection gets per pass.
+const ROUNDS_PER_CONN: usize = 4;
+/// Transmits (each up to a GSO train) taken from one connection in one round.
+const TRANSMITS_PER_ROUND: usize = 32;
 
 /// Connection IDs whose first byte names the worker: `byte % workers == worker`. The reuseport
 /// BPF program (`io::bpf`) reads that byte, so a client's packets reach the worker that owns its
@@ -189,11 +196,55 @@ pub fn server_config(
 /// The state of one worker's QUIC side, shared with the worker's tasks.
 pub(crate) type Shared = Rc<RefCell<QuicDriver>>;
 
+/// Where the driver's packets go: the worker's datagram engine, or a test's queue. The driver
+/// itself does no I/O: packets come in through [`QuicDriver::handle_packet`], time through
+/// `now` arguments, and transmits leave through this.
+pub(crate) trait QuicOut {
+    /// An empty buffer (64 KiB capacity) for quinn-proto to write a transmit into.
+    fn tx_buf(&self) -> Vec<u8>;
+    /// Returns a buffer that carried nothing.
+    fn give_back(&self, buf: Vec<u8>);
+    /// Queues a transmit; false when it was dropped (counted by the receiver).
+    fn send(&self, t: dgram::Transmit) -> bool;
+}
+
+/// The worker's datagram engine as the driver's output: the QUIC socket's sends.
+struct EngineOut {
+    engine: Rc<Engine>,
+    sock: SockId,
+}
+
+impl QuicOut for EngineOut {
+    fn tx_buf(&self) -> Vec<u8> {
+        self.engine.tx_buf()
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        self.engine.give_back_tx_buf(buf)
+    }
+
+    fn send(&self, t: dgram::Transmit) -> bool {
+        self.engine.send_to(self.sock, t)
+    }
+}
+
+/// What one pass of the driver did, for the worker loop (and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PassWork {
+    /// Connections polled.
+    pub conns: usize,
+    /// Poll rounds over all connections.
+    pub rounds: usize,
+    /// Transmits queued.
+    pub transmits: usize,
+    /// Work was left for the next pass (budget reached).
+    pub more: bool,
+}
+
 /// One worker's endpoint, socket and connections.
 pub(crate) struct QuicDriver {
     pub ctx: WorkerCtx,
-    engine: Rc<Engine>,
-    sock: SockId,
+    out: Box<dyn QuicOut>,
     max_gso: usize,
     endpoint: Endpoint,
     /// The flow table's first level: connections by handle. Handles are quinn-proto's own
@@ -203,6 +254,8 @@ pub(crate) struct QuicDriver {
     pub conns: FxHashMap<ConnectionHandle, H3Conn>,
     /// Connections with work to do (events handled, data written) since their last poll.
     dirty: FxHashSet<ConnectionHandle>,
+    /// Connections whose pass budget ran out: polled again at the next pass.
+    deferred: Vec<ConnectionHandle>,
     /// Every connection's next deadline, soonest first, so a pass looks at expired ones only.
     timers: BTreeSet<(Instant, ConnectionHandle)>,
     /// Wakes the driver task after another task touched a connection.
@@ -222,32 +275,28 @@ impl std::fmt::Debug for QuicDriver {
 }
 
 impl QuicDriver {
+    /// A driver sending through `out`; `max_gso` datagrams per transmit at most, path MTU
+    /// discovery when `allow_mtud` (the socket does not fragment).
     pub fn new(
         ctx: WorkerCtx,
-        engine: Rc<Engine>,
-        socket: &QuicSocket,
-        sock: SockId,
+        out: Box<dyn QuicOut>,
+        max_gso: usize,
+        allow_mtud: bool,
         server: Arc<ServerConfig>,
         workers: usize,
     ) -> Self {
         let mut ec = EndpointConfig::default();
         let (id, n) = (ctx.id, workers);
         ec.cid_generator(move || Box::new(WorkerCid::new(id, n)));
-        let allow_mtud = !socket.may_fragment();
         let endpoint = Endpoint::new(Arc::new(ec), Some(server), allow_mtud, None);
-        let max_gso = if engine.gso() {
-            socket.max_gso_segments()
-        } else {
-            1
-        };
         QuicDriver {
             ctx,
-            engine,
-            sock,
-            max_gso,
+            out,
+            max_gso: max_gso.max(1),
             endpoint,
             conns: FxHashMap::default(),
             dirty: FxHashSet::default(),
+            deferred: Vec::new(),
             timers: BTreeSet::new(),
             wake: Rc::new(Notify::new()),
             workers,
@@ -260,31 +309,8 @@ impl QuicDriver {
         self.dirty.insert(ch);
     }
 
-    /// Reads what the engine received for the socket (bounded), feeding the endpoint and
-    /// connections.
-    fn recv(&mut self, now: Instant) {
-        let engine = self.engine.clone();
-        let mut handled = 0;
-        while handled < RECV_BUDGET {
-            let rx = match engine.try_recv(self.sock) {
-                None => return,
-                Some(Ok(rx)) => rx,
-                Some(Err(e)) => {
-                    debug!(worker = self.ctx.id, error = %e, "QUIC socket receive failed");
-                    return;
-                }
-            };
-            let Some(addr) = rx.addr else {
-                continue;
-            };
-            for seg in rx.datagrams() {
-                handled += 1;
-                self.handle_packet(now, addr, rx.info.dst_ip, rx.info.ecn, seg);
-            }
-        }
-    }
-
-    fn handle_packet(
+    /// One UDP datagram from a client (one segment of a GRO train).
+    pub fn handle_packet(
         &mut self,
         now: Instant,
         addr: std::net::SocketAddr,
@@ -307,13 +333,13 @@ impl QuicDriver {
         let data = super::arena::take(super::arena::Use::Rx, seg.len(), |b| {
             b.extend_from_slice(seg)
         });
-        let mut response = self.engine.tx_buf();
+        let mut response = self.out.tx_buf();
         match self
             .endpoint
             .handle(now, addr, dst_ip, ecn, data, &mut response)
         {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                self.engine.give_back_tx_buf(response);
+                self.out.give_back(response);
                 if let Some(c) = self.conns.get_mut(&ch) {
                     c.amplification.received(seg.len(), validates);
                     c.conn.handle_event(ev);
@@ -321,11 +347,11 @@ impl QuicDriver {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                self.engine.give_back_tx_buf(response);
+                self.out.give_back(response);
                 self.incoming(now, incoming, seg.len())
             }
             Some(DatagramEvent::Response(t)) => self.send(&t, response),
-            None => self.engine.give_back_tx_buf(response),
+            None => self.out.give_back(response),
         }
     }
 
@@ -354,7 +380,7 @@ impl QuicDriver {
             .values()
             .filter(|c| c.conn.is_handshaking())
             .count();
-        let mut response = self.engine.tx_buf();
+        let mut response = self.out.tx_buf();
         if self.draining || self.conns.len() >= h3.max_connections_per_worker {
             self.ctx
                 .stats
@@ -369,16 +395,17 @@ impl QuicDriver {
         {
             match self.endpoint.retry(incoming, &mut response) {
                 Ok(t) => self.send(&t, response),
-                Err(_) => self.engine.give_back_tx_buf(response),
+                Err(_) => self.out.give_back(response),
             }
             return;
         }
         match self.endpoint.accept(incoming, now, &mut response, None) {
             Ok((ch, conn)) => {
-                self.engine.give_back_tx_buf(response);
+                self.out.give_back(response);
                 debug!(worker = self.ctx.id, remote = %conn.remote_address(), "QUIC connection accepted");
                 let mut c = H3Conn::new(conn, now, live.clone());
                 c.amplification.received(len, validated);
+                c.open_control();
                 self.conns.insert(ch, c);
                 self.dirty.insert(ch);
             }
@@ -389,7 +416,7 @@ impl QuicDriver {
                 debug!(worker = self.ctx.id, error = %e.cause, "QUIC connection not accepted");
                 match e.response {
                     Some(t) => self.send(&t, response),
-                    None => self.engine.give_back_tx_buf(response),
+                    None => self.out.give_back(response),
                 }
             }
         }
@@ -399,23 +426,20 @@ impl QuicDriver {
     /// as is.
     fn send(&self, t: &quinn_proto::Transmit, mut buf: Vec<u8>) {
         buf.truncate(t.size);
-        let queued = self.engine.send_to(
-            self.sock,
-            dgram::Transmit {
-                dest: t.destination,
-                buf,
-                segment_size: t.segment_size,
-                ecn: t.ecn.map_or(0, |e| e as u8),
-                src_ip: t.src_ip,
-            },
-        );
+        let queued = self.out.send(dgram::Transmit {
+            dest: t.destination,
+            buf,
+            segment_size: t.segment_size,
+            ecn: t.ecn.map_or(0, |e| e as u8),
+            src_ip: t.src_ip,
+        });
         if !queued {
             debug!(worker = self.ctx.id, "QUIC send queue full");
         }
     }
 
     /// Handles expired timers: only the connections whose deadline has passed are touched.
-    fn timeouts(&mut self, now: Instant) {
+    pub fn timeouts(&mut self, now: Instant) {
         while let Some(&(t, ch)) = self.timers.first() {
             if t > now {
                 break;
@@ -443,22 +467,40 @@ impl QuicDriver {
         c.timeout = next;
     }
 
-    /// Polls every dirty connection until it has nothing more to say.
-    fn drive_dirty(&mut self, now: Instant, this: &Shared) {
+    /// Polls the connections marked dirty, within a budget: at most [`CONNS_PER_PASS`]
+    /// connections, [`ROUNDS_PER_CONN`] rounds each, [`TRANSMITS_PER_ROUND`] transmits a
+    /// round. Whatever a peer does or stops doing, a pass ends; a connection with work left
+    /// stays marked and is polled at the next pass, after the worker's other tasks have run.
+    pub fn drive_dirty(&mut self, now: Instant, this: &Shared) -> PassWork {
+        let mut work = PassWork::default();
         while let Some(&ch) = self.dirty.iter().next() {
+            if work.conns == CONNS_PER_PASS {
+                work.more = true;
+                break;
+            }
             self.dirty.remove(&ch);
             let Some(mut c) = self.conns.remove(&ch) else {
                 continue;
             };
+            work.conns += 1;
             // A GSO train must fit in one UDP send (64 KiB): the kernel refuses a longer one
             // with EMSGSIZE, losing the whole train, which quinn-proto would then take for a
             // path MTU problem.
             let mtu = usize::from(c.conn.current_mtu()).max(1);
             let max_gso = self.max_gso.min(MAX_GSO_BYTES / mtu).max(1);
+            let mut rounds = 0;
             loop {
+                rounds += 1;
+                work.rounds += 1;
                 // 1. transmit (GSO batches)
+                let mut more = false;
+                let mut sent = 0;
                 loop {
-                    let mut buf = self.engine.tx_buf();
+                    if sent == TRANSMITS_PER_ROUND {
+                        more = true;
+                        break;
+                    }
+                    let mut buf = self.out.tx_buf();
                     match c.conn.poll_transmit(now, max_gso, &mut buf) {
                         Some(mut t) => {
                             let ok = c
@@ -471,19 +513,21 @@ impl QuicDriver {
                                 // said more.
                                 self.ctx.stats.quic_amplification_held.inc();
                                 if ok == 0 {
-                                    self.engine.give_back_tx_buf(buf);
+                                    self.out.give_back(buf);
                                     break;
                                 }
                                 t.size = ok;
                             }
                             self.send(&t, buf);
+                            sent += 1;
                         }
                         None => {
-                            self.engine.give_back_tx_buf(buf);
+                            self.out.give_back(buf);
                             break;
                         }
                     }
                 }
+                work.transmits += sent;
                 // 2. timer
                 let next = c.conn.poll_timeout();
                 self.set_timer(ch, &mut c, next);
@@ -494,23 +538,51 @@ impl QuicDriver {
                     }
                 }
                 // 4. application events: the HTTP/3 session
-                let more = c.process(ch, now, &self.ctx, this);
-                if self.draining && c.drained() {
+                more |= c.process(ch, now, &self.ctx, this);
+                // A draining connection with nothing left to relay is closed, once.
+                if self.draining && !c.is_closed() && c.drained() {
                     c.close_gracefully(now);
-                    continue;
+                    more = true;
                 }
                 if !more {
+                    break;
+                }
+                if rounds == ROUNDS_PER_CONN {
+                    self.deferred.push(ch);
                     break;
                 }
             }
             if c.conn.is_drained() {
                 debug!(worker = self.ctx.id, "QUIC connection drained");
                 self.set_timer(ch, &mut c, None);
-                c.close_all_flows(&self.ctx);
+                c.close_all_flows(&self.ctx, CloseReason::ClientAbort);
                 self.ctx.stats.connection_closed(HttpVersion::Http3);
             } else {
                 self.conns.insert(ch, c);
             }
+        }
+        if !self.deferred.is_empty() {
+            work.more = true;
+            self.dirty.extend(self.deferred.drain(..));
+        }
+        work
+    }
+
+    /// Shutdown: every connection is closed with H3_NO_ERROR (its CONNECTION_CLOSE is queued
+    /// by one last bounded pass) and its flows are counted as ended by the drain.
+    pub fn shutdown(&mut self, now: Instant, this: &Shared) {
+        let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        for ch in handles {
+            if let Some(c) = self.conns.get_mut(&ch) {
+                c.close_gracefully(now);
+                c.close_all_flows(&self.ctx, CloseReason::Drain);
+            }
+            self.dirty.insert(ch);
+        }
+        self.drive_dirty(now, this);
+        self.timers.clear();
+        for _ in self.conns.drain() {
+            self.ctx.stats.connection_closed(HttpVersion::Http3);
         }
     }
 
@@ -540,6 +612,29 @@ fn register(socket: std::net::UdpSocket) -> std::io::Result<(Rc<Engine>, QuicSoc
     Ok((engine, q, id))
 }
 
+/// Feeds what the engine received on the QUIC socket to the driver, up to [`RECV_BUDGET`]
+/// datagrams (GRO segments count one each).
+fn receive(engine: &Engine, sock: SockId, d: &mut QuicDriver, now: Instant) {
+    let mut handled = 0;
+    while handled < RECV_BUDGET {
+        let rx = match engine.try_recv(sock) {
+            None => return,
+            Some(Ok(rx)) => rx,
+            Some(Err(e)) => {
+                debug!(worker = d.ctx.id, error = %e, "QUIC socket receive failed");
+                return;
+            }
+        };
+        let Some(addr) = rx.addr else {
+            continue;
+        };
+        for seg in rx.datagrams() {
+            handled += 1;
+            d.handle_packet(now, addr, rx.info.dst_ip, rx.info.ecn, seg);
+        }
+    }
+}
+
 /// Runs the worker's QUIC side until shutdown.
 pub(crate) async fn run(
     ctx: WorkerCtx,
@@ -556,11 +651,20 @@ pub(crate) async fn run(
     };
     let mut phase = ctx.phase.clone();
     let mut live = ctx.live.clone();
+    let max_gso = if engine.gso() {
+        quic_socket.max_gso_segments()
+    } else {
+        1
+    };
+    let out = Box::new(EngineOut {
+        engine: engine.clone(),
+        sock,
+    });
     let driver: Shared = Rc::new(RefCell::new(QuicDriver::new(
         ctx,
-        engine.clone(),
-        &quic_socket,
-        sock,
+        out,
+        max_gso,
+        !quic_socket.may_fragment(),
         server,
         workers,
     )));
@@ -599,31 +703,280 @@ pub(crate) async fn run(
             () = sleep => {}
         }
         let now = Instant::now();
-        let mut d = driver.borrow_mut();
-        d.recv(now);
-        d.timeouts(now);
-        d.drive_dirty(now, &driver);
+        let work = {
+            let mut d = driver.borrow_mut();
+            receive(&engine, sock, &mut d, now);
+            d.timeouts(now);
+            d.drive_dirty(now, &driver)
+        };
+        if work.more {
+            // The budget ran out: the rest waits for the next pass, after the worker's other
+            // tasks (the datagram engine among them) have had their turn.
+            wake.notify_one();
+            tokio::task::yield_now().await;
+        }
     }
     // Shutdown: close every connection with H3_NO_ERROR and send the CONNECTION_CLOSE.
     let mut d = driver.borrow_mut();
-    let now = Instant::now();
-    let handles: Vec<ConnectionHandle> = d.conns.keys().copied().collect();
-    for ch in handles {
-        if let Some(c) = d.conns.get_mut(&ch) {
-            c.conn.close(
-                now,
-                VarInt::from_u64(crate::proto::h3::H3_NO_ERROR).unwrap_or(VarInt::from_u32(0)),
-                bytes::Bytes::new(),
-            );
-        }
-        d.touch(ch);
-    }
-    d.drive_dirty(now, &driver);
+    d.shutdown(Instant::now(), &driver);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+    use std::sync::mpsc;
+
+    /// The driver's output as a queue the test reads.
+    struct QueueOut(Rc<RefCell<Vec<dgram::Transmit>>>);
+
+    impl QuicOut for QueueOut {
+        fn tx_buf(&self) -> Vec<u8> {
+            Vec::with_capacity(65_536)
+        }
+        fn give_back(&self, _buf: Vec<u8>) {}
+        fn send(&self, t: dgram::Transmit) -> bool {
+            self.0.borrow_mut().push(t);
+            true
+        }
+    }
+
+    /// A driver on a relay configuration with its certificate, a quinn-proto client endpoint
+    /// that trusts it, and the queue of what the driver sent. No sockets, virtual time.
+    struct Harness {
+        driver: Shared,
+        sent: Rc<RefCell<Vec<dgram::Transmit>>>,
+        client: Endpoint,
+        client_cfg: quinn_proto::ClientConfig,
+        _phase: tokio::sync::watch::Sender<Phase>,
+        _live: tokio::sync::watch::Sender<Arc<crate::worker::Shared>>,
+        _dir: tempfile::TempDir,
+    }
+
+    const SERVER: &str = "127.0.0.1:4433";
+    const CLIENT: &str = "127.0.0.1:50000";
+
+    fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let config = crate::config::Config {
+            cert: Some(cert),
+            key: Some(key),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let limiter = crate::relay::limits::FlowLimiter::new(1000, 1000);
+        let (shared, _) = crate::live_state(
+            config,
+            None,
+            Arc::new(super::super::target::SystemResolver),
+            limiter,
+            Default::default(),
+        )
+        .unwrap();
+        let server = shared.quic.clone().unwrap();
+        let shared = Arc::new(shared);
+        let (live_tx, live) = tokio::sync::watch::channel(shared);
+        let (phase_tx, phase) = tokio::sync::watch::channel(Phase::Run);
+        let ctx = WorkerCtx {
+            id: 0,
+            live,
+            stats: Default::default(),
+            phase,
+        };
+        let sent = Rc::new(RefCell::new(Vec::new()));
+        let driver = Rc::new(RefCell::new(QuicDriver::new(
+            ctx,
+            Box::new(QueueOut(sent.clone())),
+            1,
+            true,
+            server,
+            1,
+        )));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+        let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let client_cfg = quinn_proto::ClientConfig::new(Arc::new(crypto));
+        let client = Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
+        Harness {
+            driver,
+            sent,
+            client,
+            client_cfg,
+            _phase: phase_tx,
+            _live: live_tx,
+            _dir: dir,
+        }
+    }
+
+    impl Harness {
+        /// One pass of the driver, as the worker runs it: timers, then the dirty connections.
+        fn pass(&self, now: Instant) -> PassWork {
+            let mut d = self.driver.borrow_mut();
+            d.timeouts(now);
+            d.drive_dirty(now, &self.driver)
+        }
+
+        /// The driver's packets so far, cut into datagrams.
+        fn take_sent(&self) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            for t in self.sent.borrow_mut().drain(..) {
+                let seg = t.segment_size.unwrap_or(t.buf.len()).max(1);
+                out.extend(t.buf.chunks(seg).map(<[u8]>::to_vec));
+            }
+            out
+        }
+    }
+
+    /// Connects an in-memory client; returns its connection once both sides are established.
+    fn connect(h: &mut Harness, now: &mut Instant) -> quinn_proto::Connection {
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let client: SocketAddr = CLIENT.parse().unwrap();
+        let before = h.driver.borrow().conns.len();
+        let (cch, mut conn) = h
+            .client
+            .connect(*now, h.client_cfg.clone(), server, "localhost")
+            .unwrap();
+        for _ in 0..200 {
+            let mut buf = Vec::new();
+            while let Some(t) = conn.poll_transmit(*now, 1, &mut buf) {
+                h.driver
+                    .borrow_mut()
+                    .handle_packet(*now, client, None, 0, &buf[..t.size]);
+                buf.clear();
+            }
+            h.pass(*now);
+            for d in h.take_sent() {
+                let mut resp = Vec::new();
+                if let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, ev)) =
+                    h.client
+                        .handle(*now, server, None, None, d.as_slice().into(), &mut resp)
+                {
+                    conn.handle_event(ev);
+                }
+            }
+            while let Some(ev) = conn.poll_endpoint_events() {
+                if let Some(ev) = h.client.handle_event(cch, ev) {
+                    conn.handle_event(ev);
+                }
+            }
+            while conn.poll().is_some() {}
+            if !conn.is_handshaking() && h.driver.borrow().conns.len() == before + 1 {
+                let settled = h
+                    .driver
+                    .borrow()
+                    .conns
+                    .values()
+                    .all(|c| !c.conn.is_handshaking());
+                if settled {
+                    return conn;
+                }
+            }
+            *now += Duration::from_millis(1);
+            conn.handle_timeout(*now);
+        }
+        panic!("in-memory handshake did not complete");
+    }
+
+    /// Runs `f` on its own thread and fails the test if it does not return in time: a
+    /// driver pass that never ends would otherwise hang the test run instead of failing it.
+    fn within(secs: u64, f: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = mpsc::channel();
+        let t = std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(Duration::from_secs(secs)) {
+            Ok(()) => t.join().unwrap(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if let Err(e) = t.join() {
+                    std::panic::resume_unwind(e);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("a driver pass did not return within {secs} s: livelock")
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_that_goes_silent_during_drain_never_makes_a_pass_unbounded() {
+        within(30, || {
+            let mut h = harness();
+            let mut now = Instant::now();
+            let _silent = connect(&mut h, &mut now);
+            // From here on the client answers nothing (its socket is gone). The relay drains:
+            // GOAWAY, then, with no flow left, CONNECTION_CLOSE; the peer never acknowledges.
+            h.driver.borrow_mut().begin_drain();
+            let budget = PassWork {
+                conns: CONNS_PER_PASS,
+                rounds: CONNS_PER_PASS * ROUNDS_PER_CONN,
+                transmits: CONNS_PER_PASS * ROUNDS_PER_CONN * TRANSMITS_PER_ROUND,
+                more: true,
+            };
+            let mut passes = 0;
+            // Virtual time in 10 ms steps, for at most a minute: the connection must be gone
+            // by its close timeout (3 PTO), well before its 30 s idle timeout.
+            while !h.driver.borrow().conns.is_empty() {
+                let w = h.pass(now);
+                assert!(
+                    w.conns <= budget.conns && w.rounds <= budget.rounds,
+                    "{w:?}"
+                );
+                assert!(w.transmits <= budget.transmits, "{w:?}");
+                h.take_sent();
+                passes += 1;
+                now += Duration::from_millis(10);
+                assert!(passes < 6000, "the closed connection never went away");
+            }
+            let stats = &h.driver.borrow().ctx.stats;
+            assert_eq!(stats.connections_accepted[0].get(), 1);
+            assert_eq!(stats.connections_closed[0].get(), 1, "counted as closed");
+        });
+    }
+
+    #[test]
+    fn a_silent_peer_is_dropped_by_the_idle_timeout_and_shutdown_ends_every_connection() {
+        within(30, || {
+            let mut h = harness();
+            let mut now = Instant::now();
+            let _a = connect(&mut h, &mut now);
+            let _b = connect(&mut h, &mut now);
+            assert_eq!(h.driver.borrow().conns.len(), 2);
+            // Both peers go silent; the idle timeout (30 s) closes them, pass by pass.
+            let start = now;
+            while !h.driver.borrow().conns.is_empty() {
+                let w = h.pass(now);
+                assert!(w.rounds <= CONNS_PER_PASS * ROUNDS_PER_CONN, "{w:?}");
+                h.take_sent();
+                now += Duration::from_millis(100);
+                assert!(
+                    now - start < Duration::from_secs(40),
+                    "idle timeout not applied"
+                );
+            }
+            // A stop with connections still open ends them all in one bounded pass.
+            let _c = connect(&mut h, &mut now);
+            let mut d = h.driver.borrow_mut();
+            d.shutdown(now, &h.driver);
+            assert!(d.conns.is_empty());
+            assert_eq!(d.ctx.stats.connections_closed[0].get(), 3);
+            drop(d);
+            let close = h.take_sent();
+            assert!(!close.is_empty(), "a CONNECTION_CLOSE went out");
+        });
+    }
 
     #[test]
     fn amplification_is_three_times_until_validated() {

@@ -28,7 +28,14 @@ pub struct RecvInfo {
     pub ecn: u8,
     /// The destination address the datagram was sent to.
     pub dst_ip: Option<IpAddr>,
+    /// How many datagrams the kernel has dropped on this socket so far for lack of receive
+    /// buffer space (`SO_RXQ_OVFL`; present once the socket has dropped any).
+    pub kernel_drops: Option<u32>,
 }
+
+/// Room for the control messages of a target datagram: `SO_RXQ_OVFL` (and a GRO segment
+/// size), in 8-byte words.
+pub const TARGET_CONTROL: usize = 64;
 
 /// Reads the control messages of a received datagram.
 pub fn parse(control: &[u8]) -> RecvInfo {
@@ -51,6 +58,10 @@ pub fn parse(control: &[u8]) -> RecvInfo {
         }
         let data = &control[off + HDR..off + len];
         match (level, ty) {
+            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) if data.len() >= 4 => {
+                info.kernel_drops =
+                    Some(u32::from_ne_bytes(data[..4].try_into().unwrap_or_default()));
+            }
             (libc::SOL_UDP, UDP_GRO) if data.len() >= 4 => {
                 let s = i32::from_ne_bytes(data[..4].try_into().unwrap_or_default());
                 info.stride = u16::try_from(s).unwrap_or(0);

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tracing::debug;
 
 use super::cmsg::{self, CmsgBuf};
-use super::pool::{BufRef, Pool};
+use super::pool::{BufRef, Group, Pool};
 use super::{
     message_len, message_lens, words_as_bytes, Entry, MsgStore, Payload, Role, SendReq, Table,
 };
@@ -208,9 +208,14 @@ impl Poller {
             }
         }
         if starved && !self.starved {
-            // Counted once per time the pool ran dry; the datagrams wait in the socket buffers
-            // (and are lost there if they overflow) until consumers give buffers back.
-            table.stats.dropped(DropReason::NoBuffer);
+            // Counted once per time a pool ran dry; the datagrams wait in the socket buffers
+            // until consumers give buffers back (if the kernel drops some meanwhile,
+            // SO_RXQ_OVFL says so with the next one).
+            for g in Group::ALL {
+                if self.free[g.index()].is_empty() {
+                    table.stats.receive_paused[g.index()].inc();
+                }
+            }
         }
         self.starved = starved;
         // Sockets left unread for lack of buffers wait for a give-back, not for a busy loop.
@@ -250,9 +255,9 @@ impl Poller {
                 if quic {
                     h.msg_name = self.rx_names[j].as_mut_ptr().cast();
                     h.msg_namelen = cmsg::NAME_LEN as libc::socklen_t;
-                    h.msg_control = self.rx_ctrl[j].as_mut_ptr().cast();
-                    h.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
                 }
+                h.msg_control = self.rx_ctrl[j].as_mut_ptr().cast();
+                h.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
                 self.rx_hdrs[j].msg_len = 0;
             }
             // SAFETY: the k headers point at k pool buffers this backend owns (popped from the
@@ -293,15 +298,13 @@ impl Poller {
                     self.free[g.index()].push(bid);
                     continue;
                 }
-                let (info, addr) = if quic {
-                    let clen = control_len(&h.msg_hdr).min(std::mem::size_of::<CmsgBuf>());
+                let clen = control_len(&h.msg_hdr).min(std::mem::size_of::<CmsgBuf>());
+                let info = cmsg::parse(&words_as_bytes(&mut self.rx_ctrl[j])[..clen]);
+                let addr = if quic {
                     let nlen = (h.msg_hdr.msg_namelen as usize).min(cmsg::NAME_LEN);
-                    (
-                        cmsg::parse(&words_as_bytes(&mut self.rx_ctrl[j])[..clen]),
-                        cmsg::sockaddr(&words_as_bytes(&mut self.rx_names[j])[..nlen]),
-                    )
+                    cmsg::sockaddr(&words_as_bytes(&mut self.rx_names[j])[..nlen])
                 } else {
-                    (cmsg::RecvInfo::default(), None)
+                    None
                 };
                 let e = Entry {
                     buf: b,
@@ -310,7 +313,10 @@ impl Poller {
                     info,
                     addr,
                 };
-                if let Some(back) = table.deliver(idx, gen, e) {
+                // Buffers holding no datagram: the free list and this batch's unused ones (as
+                // io_uring counts the buffers still in its ring).
+                let free = (self.free[g.index()].len() + (k - r)) as u16;
+                if let Some(back) = table.deliver(idx, gen, e, free) {
                     self.free[g.index()].push(back.bid);
                 }
             }

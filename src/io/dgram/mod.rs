@@ -225,6 +225,9 @@ struct Slot {
     backlog: VecDeque<Entry>,
     /// A socket error (an ICMP error on a target socket): sticky, reported after the backlog.
     err: Option<i32>,
+    /// The kernel's count of datagrams it dropped on this socket, as last reported
+    /// (`SO_RXQ_OVFL`); the difference to the next report is counted as dropped.
+    kernel_drops: u32,
     waker: Option<Waker>,
     /// Closed by its owner; kept until the kernel is done with it.
     closing: bool,
@@ -249,9 +252,26 @@ impl Table {
             .filter(|s| s.gen == gen && !s.closing)
     }
 
-    /// Queues a datagram on its socket; hands the buffer back when it cannot be queued.
-    fn deliver(&mut self, idx: u32, gen: u32, e: Entry) -> Option<BufRef> {
-        let cap = self.backlog_cap[e.buf.group.index()];
+    /// Queues a datagram on its socket; hands the buffer back when it cannot be queued. `free`
+    /// is how many buffers of the datagram's pool are still free (not in any backlog).
+    ///
+    /// A socket's backlog may hold its fixed share of the pool (an eighth), or half of what is
+    /// free, whichever is more: a lone busy flow keeps its whole burst (a window of 256
+    /// datagrams from one inner QUIC connection is common), while any number of busy sockets
+    /// together can never take the last buffers from the others.
+    fn deliver(&mut self, idx: u32, gen: u32, e: Entry, free: u16) -> Option<BufRef> {
+        let cap = self.backlog_cap[e.buf.group.index()].max(usize::from(free) / 2);
+        let Some(s) = self.get(idx, gen) else {
+            return Some(e.buf);
+        };
+        if let Some(n) = e.info.kernel_drops {
+            let lost = n.wrapping_sub(s.kernel_drops);
+            s.kernel_drops = n;
+            if lost > 0 {
+                self.stats
+                    .dropped_n(DropReason::SocketBufferFull, u64::from(lost));
+            }
+        }
         let Some(s) = self.get(idx, gen) else {
             return Some(e.buf);
         };
@@ -586,7 +606,7 @@ impl Engine {
     }
 
     fn new(backend: Backend, sizes: Sizes, stats: Arc<WorkerStats>) -> io::Result<Engine> {
-        let target_size = sizes.target_buffer_size + uring::RECV_OVERHEAD;
+        let target_size = sizes.target_buffer_size + uring::RECV_OVERHEAD + cmsg::TARGET_CONTROL;
         let quic_size = 65_536 + uring::RECV_OVERHEAD + cmsg::NAME_LEN + 128;
         let pools = [
             Pool::new(target_size, sizes.target_buffers),
@@ -648,6 +668,9 @@ impl Engine {
     /// Takes ownership of a non-blocking UDP socket and starts receiving on it.
     pub fn register(&self, sock: UdpSocket, role: Role) -> io::Result<SockId> {
         sock.set_nonblocking(true)?;
+        // The kernel reports, with each datagram, how many it has dropped on this socket for
+        // lack of buffer space: those losses are counted too.
+        super::sockopt::set_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
         let ipv6 = sock.local_addr()?.is_ipv6();
         let mut guard = self.inner.borrow_mut();
         let inner = &mut *guard;
@@ -662,6 +685,7 @@ impl Engine {
             ipv6,
             backlog: VecDeque::new(),
             err: None,
+            kernel_drops: 0,
             waker: None,
             closing: false,
             armed: false,
@@ -898,9 +922,6 @@ impl Engine {
                 biased;
                 r = self.wait.readable() => match r {
                     Ok(mut guard) => {
-                        if let Io::Uring(r) = &self.inner.borrow().io {
-                            r.ack();
-                        }
                         let more = self.pass();
                         if more {
                             self.poke();

@@ -207,30 +207,84 @@ fn an_exhausted_pool_drops_and_counts_and_recovers() {
                 locals.push(s.local_addr().unwrap());
                 ids.push(e.register(s, Role::Target(HttpVersion::Http2)).unwrap());
             }
-            // A socket holds at most its share (8 / 8 = 1 buffer): a second datagram to a
-            // socket whose consumer sleeps is dropped, not queued.
-            peer.send_to(b"a", locals[0]).unwrap();
-            peer.send_to(b"b", locals[0]).unwrap();
+            // A socket whose consumer sleeps holds at most half of what is free (here 2 of
+            // 8 buffers, its burst); beyond, datagrams are dropped and counted, not queued.
+            for d in [b"a", b"b", b"c", b"d"] {
+                peer.send_to(d, locals[0]).unwrap();
+            }
             settle().await;
             assert_eq!(
                 stats.drops_for(DropReason::NoBuffer),
-                1,
+                2,
                 "{b:?}: backlog share"
             );
             assert_eq!(recv_one(&e, ids[0]).await.unwrap(), b"a");
-            // Eleven sleeping consumers take the eight buffers; three datagrams find none.
+            assert_eq!(recv_one(&e, ids[0]).await.unwrap(), b"b");
+            // Eleven sleeping consumers take the eight buffers; three datagrams find none and
+            // wait in their socket buffers: receiving pauses, nothing is lost.
             for (i, l) in locals.iter().enumerate().skip(1) {
                 peer.send_to(&[i as u8], l).unwrap();
             }
             settle().await;
             assert_eq!(e.free_buffers()[0], 0, "{b:?}: pool used up");
-            assert!(stats.drops_for(DropReason::NoBuffer) >= 2, "{b:?}: counted");
+            assert!(stats.receive_paused[0].get() >= 1, "{b:?}: pause counted");
+            assert_eq!(stats.drops_for(DropReason::NoBuffer), 2, "{b:?}");
             // No stall: as consumers catch up, the datagrams that waited are delivered.
             for (i, id) in ids.iter().enumerate().skip(1) {
                 assert_eq!(recv_one(&e, *id).await.unwrap(), vec![i as u8], "{b:?}");
             }
             settle().await;
             assert_eq!(e.free_buffers()[0], 8, "{b:?}: every buffer back");
+            assert_eq!(stats.drops_for(DropReason::SocketBufferFull), 0, "{b:?}");
+        });
+    }
+}
+
+#[test]
+fn datagrams_the_kernel_drops_are_counted() {
+    for b in backends() {
+        let small = Sizes {
+            target_buffer_size: 256,
+            target_buffers: 2,
+            quic_buffers: 2,
+        };
+        with_engine(b, small, |e, stats| async move {
+            let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let sock = connected(peer.local_addr().unwrap());
+            // A small receive buffer the flood below overflows while the pool is empty.
+            socket2::SockRef::from(&sock)
+                .set_recv_buffer_size(4096)
+                .unwrap();
+            let local = sock.local_addr().unwrap();
+            let id = e.register(sock, Role::Target(HttpVersion::Http2)).unwrap();
+            for i in 0..200u32 {
+                peer.send_to(&i.to_be_bytes(), local).unwrap();
+            }
+            settle().await;
+            // Drain everything that survived; the next datagram carries the kernel's count.
+            let mut got = 0u64;
+            loop {
+                let r = tokio::time::timeout(Duration::from_millis(200), recv_one(&e, id)).await;
+                match r {
+                    Ok(Ok(_)) => got += 1,
+                    _ => break,
+                }
+                if got == 1 {
+                    // Once the backlog moves, one more datagram brings the report.
+                    peer.send_to(b"last", local).unwrap();
+                }
+            }
+            let lost = stats.drops_for(DropReason::SocketBufferFull)
+                + stats.drops_for(DropReason::NoBuffer);
+            assert!(
+                stats.drops_for(DropReason::SocketBufferFull) > 0,
+                "{b:?}: kernel drops counted ({got} received)"
+            );
+            assert_eq!(
+                got + lost,
+                201,
+                "{b:?}: every datagram delivered or counted"
+            );
         });
     }
 }

@@ -9,7 +9,7 @@
 
 use std::alloc::{self, Layout};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -144,8 +144,6 @@ pub(super) struct Ring {
     cancels: Vec<(u32, u32)>,
     /// The buffer rings are unregistered: their memory may be freed.
     unregistered: bool,
-    /// Signalled by the kernel when deferred completions wait (deferred task running only).
-    eventfd: Option<OwnedFd>,
 }
 
 /// Checks that io_uring is permitted and offers what the engine needs, with a live test of a
@@ -233,37 +231,30 @@ pub fn probe() -> Result<(), String> {
 
 impl Ring {
     pub fn new(pools: &[Pool; 2]) -> io::Result<Ring> {
-        // Deferred task running (Linux 6.1+): completions are posted when this thread asks
-        // (an enter with GETEVENTS at each pass), in batches, instead of interrupting the
-        // thread for every datagram the network delivers. The kernel signals an eventfd when
-        // such work is waiting; the worker's reactor waits on that. Without it, the ring fd
-        // itself is polled and the kernel posts completions as they happen.
-        let deferred = IoUring::builder()
+        // Cooperative task running (Linux 5.19+): the kernel never interrupts the worker to
+        // post a completion; it posts them when the worker next enters the kernel (its
+        // reactor's epoll_wait, or the pass's io_uring_enter), in batches. The ring fd itself is
+        // what the reactor polls, so a datagram arriving while the worker sleeps wakes it at
+        // once.
+        //
+        // Not deferred task running (IORING_SETUP_DEFER_TASKRUN): there the kernel only tells
+        // the reactor through a registered eventfd, which on the kernels measured here was
+        // signalled a grace period (13-20 ms) after the datagram arrived: every round trip of
+        // a lightly loaded flow paid it, and a client that waits for one answer before sending
+        // more saw the relay stall (the ring fd itself never becomes readable in that mode).
+        let coop = IoUring::builder()
             .setup_cqsize(SQ_ENTRIES * 4)
             .setup_single_issuer()
-            .setup_defer_taskrun()
+            .setup_coop_taskrun()
             .setup_taskrun_flag()
             .build(SQ_ENTRIES);
-        let (ring, eventfd) = match deferred {
-            Ok(ring) => {
-                // SAFETY: eventfd takes no pointers; the result is checked.
-                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: `fd` is a fresh eventfd that nothing else owns.
-                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                ring.submitter().register_eventfd(fd)?;
-                (ring, Some(owned))
-            }
+        let ring = match coop {
+            Ok(ring) => ring,
             Err(e) => {
-                debug!(error = %e, "io_uring without deferred task running");
-                (
-                    IoUring::builder()
-                        .setup_cqsize(SQ_ENTRIES * 4)
-                        .build(SQ_ENTRIES)?,
-                    None,
-                )
+                debug!(error = %e, "io_uring without cooperative task running");
+                IoUring::builder()
+                    .setup_cqsize(SQ_ENTRIES * 4)
+                    .build(SQ_ENTRIES)?
             }
         };
         let mut bufs = [
@@ -279,6 +270,7 @@ impl Ring {
         }
         let mut target_hdr = Box::new(empty_msghdr());
         target_hdr.msg_namelen = 0;
+        target_hdr.msg_controllen = cmsg::TARGET_CONTROL as _;
         let mut quic_hdr = Box::new(empty_msghdr());
         quic_hdr.msg_namelen = cmsg::NAME_LEN as libc::socklen_t;
         quic_hdr.msg_controllen = QUIC_CONTROL as _;
@@ -293,31 +285,18 @@ impl Ring {
             starved: Vec::new(),
             cancels: Vec::new(),
             unregistered: false,
-            eventfd,
         })
     }
 
-    /// What the worker's reactor waits on: the eventfd the kernel signals when deferred work
-    /// is waiting, or the ring itself.
+    /// What the worker's reactor waits on: the ring, readable when completions are queued.
     pub fn fd(&self) -> RawFd {
-        match &self.eventfd {
-            Some(e) => e.as_raw_fd(),
-            None => self.ring.as_raw_fd(),
-        }
+        self.ring.as_raw_fd()
     }
 
-    /// Completions are waiting in the queue (another pass is due).
+    /// Completions are waiting in the queue, or for the kernel to post them (another pass is
+    /// due).
     pub fn pending(&mut self) -> bool {
-        !self.ring.completion().is_empty()
-    }
-
-    /// Clears the eventfd's count after a wake-up.
-    pub fn ack(&self) {
-        if let Some(e) = &self.eventfd {
-            let mut v = [0u8; 8];
-            // SAFETY: reads at most 8 bytes into a live local buffer; non-blocking.
-            unsafe { libc::read(e.as_raw_fd(), v.as_mut_ptr().cast(), v.len()) };
-        }
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
     }
 
     pub fn free(&self) -> [u16; 2] {
@@ -389,9 +368,9 @@ impl Ring {
         tx_bufs: &mut Vec<Vec<u8>>,
     ) -> (usize, bool) {
         self.cqes.clear();
-        // Deferred task running: completions are posted by an enter with GETEVENTS, which
-        // `submit` adds when the kernel flagged waiting work (IORING_SQ_TASKRUN).
-        if self.eventfd.is_some() && self.ring.submission().taskrun() {
+        // Completions the kernel has queued as task work (IORING_SQ_TASKRUN) are posted by an
+        // enter; `submit` adds GETEVENTS when the flag is up.
+        if self.ring.submission().taskrun() {
             if let Err(e) = self.ring.submit() {
                 debug!(error = %e, "io_uring enter failed");
             }
@@ -475,9 +454,11 @@ impl Ring {
         if res < 0 {
             match -res {
                 libc::ENOBUFS => {
-                    // The pool is empty: the datagram waits in the socket buffer (and is lost
-                    // there if it overflows). Counted once per time the pool ran dry.
-                    table.stats.dropped(DropReason::NoBuffer);
+                    // The pool is empty: the datagram waits in the socket buffer until the
+                    // receive is re-armed (if the kernel drops it meanwhile, SO_RXQ_OVFL says
+                    // so with the next one).
+                    let g = role.map(Role::group).unwrap_or(Group::Target);
+                    table.stats.receive_paused[g.index()].inc();
                 }
                 libc::ECANCELED => {}
                 e => match role {
@@ -531,8 +512,9 @@ impl Ring {
                 cmsg::parse(out.control_data()),
                 cmsg::sockaddr(out.name_data()),
             ),
-            Role::Target(_) => (cmsg::RecvInfo::default(), None),
+            Role::Target(_) => (cmsg::parse(out.control_data()), None),
         };
+        let free = self.bufs[g].free;
         table.deliver(
             idx,
             gen,
@@ -543,6 +525,7 @@ impl Ring {
                 info,
                 addr,
             },
+            free,
         )
     }
 
@@ -644,9 +627,9 @@ impl Ring {
                 tx_bufs.push(b);
             }
         }
-        // One enter per pass: it submits what the pass queued and, with deferred task
-        // running, posts the completions waiting (collected at the next pass).
-        let work = self.eventfd.is_some() && self.ring.submission().taskrun();
+        // One enter per pass: it submits what the pass queued and posts the completions
+        // waiting as task work (collected at the next pass).
+        let work = self.ring.submission().taskrun();
         if !self.ring.submission().is_empty() || work {
             if let Err(e) = self.ring.submit() {
                 debug!(error = %e, "io_uring submit failed");
