@@ -27,8 +27,8 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address and port of the TCP listener (HTTP/2 and HTTP/1.1 over TLS). Port 0 picks a free
-    /// port. Default `127.0.0.1:4433`.
+    /// Address and port to listen on: UDP for HTTP/3, TCP for HTTP/2 and HTTP/1.1 over TLS. Port
+    /// 0 picks a free port. Default `127.0.0.1:4433`.
     pub listen: String,
     /// Number of worker threads; 0 means one per available core. Default 0.
     pub workers: usize,

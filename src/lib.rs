@@ -2,7 +2,8 @@
 //!
 //! Modules that do no I/O and read no clock: [`proto`] (codecs and request rules) and [`relay`]
 //! (flow state and target policy). Modules at the I/O edge: [`io`] (sockets; the only `unsafe`),
-//! [`transport`] (TLS, HTTP/2, HTTP/1.1), [`worker`] (threads and their event loops).
+//! [`transport`] (QUIC and HTTP/3, TLS, HTTP/2, HTTP/1.1), [`worker`] (threads and their event
+//! loops).
 //! [`Relay::start`] wires them together; `main.rs` adds the command line and signals.
 
 pub mod config;
@@ -424,7 +425,15 @@ impl Relay {
         if let Some(m) = self.metrics {
             m.join();
         }
-        info!("relay stopped");
+        // Every flow ever opened has been counted as closed by now (the workers end what is
+        // left when they stop): the two totals agree unless a flow escaped its accounting.
+        let opened: u64 = self.stats.iter().map(|s| s.flows_opened.get()).sum();
+        let open: u64 = self.stats.iter().map(|s| s.flows_open()).sum();
+        info!(
+            flows_opened = opened,
+            flows_closed = opened - open,
+            "relay stopped"
+        );
     }
 
     /// Logs what the relay runs with.

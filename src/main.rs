@@ -13,8 +13,8 @@ use masque_relay::Relay;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// A CONNECT-UDP (RFC 9298) relay: clients ask over HTTP/2 or HTTP/1.1 (TLS) for a UDP flow to
-/// host:port, and the relay moves datagrams both ways.
+/// A CONNECT-UDP (RFC 9298) relay: clients ask over HTTP/3 (QUIC), HTTP/2 or HTTP/1.1 (TLS) for a
+/// UDP flow to host:port, and the relay moves datagrams both ways.
 ///
 /// With no options it listens on 127.0.0.1:4433 with a self-signed certificate for localhost.
 /// Flags override the configuration file.
@@ -28,7 +28,8 @@ struct Cli {
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Address and port to listen on (TCP for HTTP/2 and HTTP/1.1). Port 0 picks a free one.
+    /// Address and port to listen on: UDP for HTTP/3, TCP for HTTP/2 and HTTP/1.1. Port 0 picks a
+    /// free one.
     /// [default: 127.0.0.1:4433]
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,

@@ -26,6 +26,10 @@ fn help_explains_every_flag() {
     ] {
         assert!(text.contains(flag), "--help does not mention {flag}");
     }
+    // Every client protocol the relay serves is named.
+    for proto in ["HTTP/3", "HTTP/2", "HTTP/1.1"] {
+        assert!(text.contains(proto), "--help does not mention {proto}");
+    }
 }
 
 #[test]

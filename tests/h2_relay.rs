@@ -239,7 +239,10 @@ async fn non_connect_udp_requests_are_refused() {
         .body(())
         .unwrap();
     let (resp, _) = client.send_request(get, true).unwrap();
-    assert_eq!(resp.await.unwrap().status(), 405);
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 405);
+    // RFC 9110 §15.5.6: a 405 names the methods the resource supports.
+    assert_eq!(resp.headers().get("allow").unwrap(), "CONNECT");
     let ws = http::Request::builder()
         .method("CONNECT")
         .uri(format!("https://localhost{}", udp_path("127.0.0.1", 9)))

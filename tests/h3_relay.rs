@@ -237,6 +237,28 @@ async fn malformed_paths_and_denied_targets_are_refused() {
 }
 
 #[tokio::test]
+async fn a_method_other_than_connect_gets_405_with_allow() {
+    let relay = TestRelay::start(|_| {});
+    let mut client = relay.h3().await;
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://localhost{}", udp_path("127.0.0.1", 9)))
+        .body(())
+        .unwrap();
+    let mut stream = tokio::time::timeout(TIMEOUT, client.send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, stream.recv_response())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    // RFC 9110 §15.5.6: a 405 names the methods the resource supports.
+    assert_eq!(resp.headers().get("allow").unwrap(), "CONNECT");
+}
+
+#[tokio::test]
 async fn client_fin_ends_the_flow() {
     let relay = TestRelay::start(|_| {});
     let target = EchoTarget::start("127.0.0.1:0");

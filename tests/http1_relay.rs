@@ -140,5 +140,8 @@ async fn refusals_on_http11() {
                 "{head}"
             );
         }
+        if want == "405" {
+            assert!(head.contains("\r\nAllow: GET\r\n"), "{head}");
+        }
     }
 }

@@ -68,6 +68,37 @@ impl Rejection {
         self.proxy_error
             .map(|e| sf::proxy_status(PROXY_NAME, e, Some(&self.details)))
     }
+
+    /// The header fields this refusal carries besides its status, the same on every HTTP
+    /// version (names in lower case):
+    /// - `proxy-status` (RFC 9209) when the proxy refused;
+    /// - `allow` on 405: RFC 9110 §15.5.6 says the origin server "MUST generate an Allow header
+    ///   field in a 405 response containing a list of the target resource's currently supported
+    ///   methods": GET (with Upgrade) on HTTP/1.1, CONNECT on HTTP/2 and HTTP/3;
+    /// - `proxy-authenticate` with `challenge` on 407 (RFC 9110 §15.5.8).
+    pub fn header_fields(
+        &self,
+        version: HttpVersion,
+        challenge: &str,
+    ) -> Vec<(&'static str, String)> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(ps) = self.proxy_status() {
+            out.push(("proxy-status", ps));
+        }
+        match self.status {
+            405 => out.push((
+                "allow",
+                match version {
+                    HttpVersion::Http11 => "GET",
+                    HttpVersion::Http2 | HttpVersion::Http3 => "CONNECT",
+                }
+                .to_owned(),
+            )),
+            407 => out.push(("proxy-authenticate", challenge.to_owned())),
+            _ => {}
+        }
+        out
+    }
 }
 
 /// The name this relay gives itself in `Proxy-Status`.

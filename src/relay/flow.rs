@@ -2,7 +2,7 @@
 //! it ended. No I/O and no clock: the caller passes `now` and acts on the returned decisions, so
 //! every rule here is tested with virtual time.
 //!
-//! The transports (HTTP/2, HTTP/1.1, later HTTP/3) share this type, which is how they share the
+//! The transports (HTTP/3, HTTP/2, HTTP/1.1) share this type, which is how they share the
 //! rules of RFC 9298 §4-§5 for the payload and the idle timeout of §3.1.
 
 use std::time::{Duration, Instant};

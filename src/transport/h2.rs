@@ -147,11 +147,8 @@ async fn handle_request(
 
 fn error_response(r: &Rejection) -> Response<()> {
     let mut b = Response::builder().status(r.status);
-    if let Some(ps) = r.proxy_status() {
-        b = b.header("proxy-status", ps);
-    }
-    if r.status == 407 {
-        b = b.header("proxy-authenticate", crate::relay::auth::CHALLENGE);
+    for (name, value) in r.header_fields(VERSION, crate::relay::auth::CHALLENGE) {
+        b = b.header(name, value);
     }
     b.body(()).unwrap_or_else(|_| {
         let mut resp = Response::new(());

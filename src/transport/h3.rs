@@ -650,14 +650,8 @@ impl H3Conn {
         if let Some(e) = r.proxy_error {
             ctx.stats.refusal(e);
         }
-        let ps = r.proxy_status();
-        let mut extra: Vec<(&str, &str)> = Vec::new();
-        if let Some(ps) = ps.as_deref() {
-            extra.push(("proxy-status", ps));
-        }
-        if r.status == 407 {
-            extra.push(("proxy-authenticate", crate::relay::auth::CHALLENGE));
-        }
+        let fields = r.header_fields(VERSION, crate::relay::auth::CHALLENGE);
+        let extra: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let mut block = BytesMut::new();
         request::encode_response(r.status, &extra, &mut block);
         frame::encode_headers_frame(&block, &mut req.out);

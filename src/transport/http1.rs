@@ -259,17 +259,14 @@ async fn refuse<T: AsyncWrite + Unpin>(
         .and_then(|s| s.canonical_reason())
         .unwrap_or("");
     let mut resp = format!("HTTP/1.1 {} {reason}\r\n", r.status);
-    if let Some(ps) = r.proxy_status() {
-        resp.push_str(&format!("Proxy-Status: {ps}\r\n"));
-    }
-    if r.status == 405 {
-        resp.push_str("Allow: GET\r\n");
-    }
-    if r.status == 407 {
-        resp.push_str(&format!(
-            "Proxy-Authenticate: {}\r\n",
-            crate::relay::auth::CHALLENGE
-        ));
+    for (name, value) in r.header_fields(VERSION, crate::relay::auth::CHALLENGE) {
+        // Field names are case-insensitive; HTTP/1.1 peers conventionally see them capitalised.
+        let mut upper = true;
+        for c in name.chars() {
+            resp.push(if upper { c.to_ascii_uppercase() } else { c });
+            upper = c == '-';
+        }
+        resp.push_str(&format!(": {value}\r\n"));
     }
     resp.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
     io.write_all(resp.as_bytes()).await?;

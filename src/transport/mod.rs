@@ -1,5 +1,6 @@
-//! Adapters between the client protocols and the relay: TLS, HTTP/2, HTTP/1.1, the shared flow
-//! loop, and opening target sockets. These do I/O through tokio and `crate::io`.
+//! Adapters between the client protocols and the relay: QUIC (quinn-proto driven by the worker)
+//! and HTTP/3, TLS, HTTP/2, HTTP/1.1, the shared flow loop, and opening target sockets. These do
+//! I/O through tokio and `crate::io`.
 
 pub mod admit;
 pub(crate) mod arena;

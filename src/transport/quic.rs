@@ -911,6 +911,55 @@ mod tests {
     }
 
     #[test]
+    fn settings_leave_with_the_handshake_flight() {
+        // RFC 9114 §6.2.1: the control stream and SETTINGS at the beginning of the connection.
+        // Sent as 0.5-RTT data with the first flight, they are readable by the client when its
+        // handshake completes, before the relay has heard anything more from it: a client that
+        // waits for them before its first request (and then for a packet) is never stuck.
+        let mut h = harness();
+        let now = Instant::now();
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let (_, mut conn) = h
+            .client
+            .connect(now, h.client_cfg.clone(), server, "localhost")
+            .unwrap();
+        let mut buf = Vec::new();
+        while let Some(t) = conn.poll_transmit(now, 1, &mut buf) {
+            let client: SocketAddr = CLIENT.parse().unwrap();
+            h.driver
+                .borrow_mut()
+                .handle_packet(now, client, None, 0, &buf[..t.size]);
+            buf.clear();
+        }
+        h.pass(now);
+        // The relay's first flight, and nothing after it.
+        for d in h.take_sent() {
+            let mut resp = Vec::new();
+            if let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, ev)) =
+                h.client
+                    .handle(now, server, None, None, d.as_slice().into(), &mut resp)
+            {
+                conn.handle_event(ev);
+            }
+        }
+        while conn.poll().is_some() {}
+        assert!(!conn.is_handshaking(), "the client's handshake is complete");
+        let id = conn
+            .streams()
+            .accept(quinn_proto::Dir::Uni)
+            .expect("the relay's control stream came with its first flight");
+        let mut stream = conn.recv_stream(id);
+        let mut chunks = stream.read(true).unwrap();
+        let mut bytes = Vec::new();
+        while let Ok(Some(c)) = chunks.next(usize::MAX) {
+            bytes.extend_from_slice(&c.bytes);
+        }
+        let _ = chunks.finalize();
+        assert_eq!(bytes.first(), Some(&0x00), "stream type: control");
+        assert_eq!(bytes.get(1), Some(&0x04), "first frame: SETTINGS");
+    }
+
+    #[test]
     fn a_peer_that_goes_silent_during_drain_never_makes_a_pass_unbounded() {
         within(30, || {
             let mut h = harness();

@@ -4,6 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod h3_wire;
+pub mod proc;
+pub mod quic_peer;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,6 +49,8 @@ pub struct TestRelay {
     pub relay: Option<Relay>,
     pub addr: SocketAddr,
     client_tls: Arc<rustls::ClientConfig>,
+    /// The relay's certificate (DER), for clients that build their own TLS configuration.
+    cert_der: Vec<u8>,
     _dir: tempfile::TempDir,
 }
 
@@ -98,8 +104,14 @@ impl TestRelay {
             relay: Some(relay),
             addr,
             client_tls: Arc::new(client_tls),
+            cert_der: ck.cert.der().to_vec(),
             _dir: dir,
         }
+    }
+
+    /// The relay's certificate (DER).
+    pub fn cert_der(&self) -> Vec<u8> {
+        self.cert_der.clone()
     }
 
     /// Opens a TLS connection offering exactly `alpn`.
@@ -218,7 +230,7 @@ pub fn datagram(payload: &[u8]) -> Vec<u8> {
     capsule(0, &value)
 }
 
-fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
+pub fn read_varint(buf: &[u8]) -> Option<(u64, usize)> {
     let first = *buf.first()?;
     let len = 1usize << (first >> 6);
     if buf.len() < len {
