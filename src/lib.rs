@@ -7,6 +7,7 @@
 //! [`Relay::start`] wires them together; `main.rs` adds the command line and signals.
 
 pub mod config;
+pub mod ctx;
 pub mod io;
 pub mod metrics;
 pub mod proto;
@@ -22,10 +23,10 @@ use tokio::sync::watch;
 use tracing::info;
 
 use config::{Checked, TlsSource};
+use ctx::{Phase, Shared, WorkerCtx};
 use metrics::WorkerStats;
 use relay::policy::TargetPolicy;
 use transport::tls::{Identity, TlsError};
-use worker::{Phase, Shared, WorkerCtx};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +57,7 @@ pub enum StartError {
 fn live_state(
     config: Checked,
     own: Option<SocketAddr>,
-    resolver: Arc<dyn transport::target::Resolve>,
+    resolver: Arc<dyn io::resolve::Resolve>,
     limiter: Arc<relay::limits::FlowLimiter>,
     memory_pressure: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(Shared, bool), StartError> {
@@ -161,13 +162,13 @@ impl Relay {
     /// Binds the listeners and starts the workers. Returns once every worker has its listener,
     /// so a client may connect as soon as this returns.
     pub fn start(config: Checked) -> Result<Relay, StartError> {
-        Self::start_with_resolver(config, Arc::new(transport::target::SystemResolver))
+        Self::start_with_resolver(config, Arc::new(io::resolve::SystemResolver))
     }
 
     /// [`Relay::start`] with another resolver for target host names.
     pub fn start_with_resolver(
         config: Checked,
-        resolver: Arc<dyn transport::target::Resolve>,
+        resolver: Arc<dyn io::resolve::Resolve>,
     ) -> Result<Relay, StartError> {
         // Certificates, credentials and policy first: a bad file stops the start before any
         // socket is bound. The policy's own address is filled in once the port is known.

@@ -13,6 +13,7 @@ pub mod dgram;
 pub mod memory;
 pub mod notify;
 pub mod quic_socket;
+pub mod resolve;
 pub mod sandbox;
 pub mod sockopt;
 pub mod sysctl;

@@ -6,11 +6,11 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::ctx::Shared;
 use crate::proto::connect_udp::Rejection;
 use crate::proto::sf::ProxyError;
 use crate::relay::auth::AuthError;
 use crate::relay::limits::{FlowPermit, LimitError, TokenBucket};
-use crate::worker::Shared;
 
 /// Per-connection admission state (one connection lives on one worker thread).
 #[derive(Debug)]

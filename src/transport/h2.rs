@@ -17,9 +17,9 @@ use tracing::debug;
 use super::admit::{admit, ConnLimits};
 use super::target;
 use super::tunnel::{self, ClientGone, ClientRecv, ClientSend};
+use crate::ctx::WorkerCtx;
 use crate::proto::capsule;
 use crate::proto::connect_udp::{check_request, HttpVersion, Rejection, RequestHead};
-use crate::worker::WorkerCtx;
 
 const VERSION: HttpVersion = HttpVersion::Http2;
 
@@ -54,7 +54,7 @@ where
     let mut draining = false;
     loop {
         let next = tokio::select! {
-            () = crate::worker::reached(&mut phase, crate::worker::Phase::Drain), if !draining => {
+            () = crate::ctx::reached(&mut phase, crate::ctx::Phase::Drain), if !draining => {
                 // GOAWAY: h2 first announces the drain, then names the last stream it will
                 // process after a round trip; established streams go on.
                 draining = true;

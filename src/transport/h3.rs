@@ -26,6 +26,7 @@ use tracing::debug;
 use super::admit::{admit, ConnLimits, Ticket};
 use super::quic::Shared;
 use super::{target, tunnel};
+use crate::ctx::WorkerCtx;
 use crate::io::udp::FlowSocket;
 use crate::metrics::Direction;
 use crate::proto::capsule::{self, CapsuleDecoder};
@@ -38,7 +39,6 @@ use crate::proto::h3::stream::{
 use crate::proto::h3::{qpack, request, ErrorScope, H3Error};
 use crate::proto::{h3, varint};
 use crate::relay::flow::{CloseReason, DropReason, Flow};
-use crate::worker::WorkerCtx;
 
 const VERSION: HttpVersion = HttpVersion::Http3;
 /// Datagrams held per stream while its request is being processed.
@@ -117,7 +117,7 @@ pub(crate) struct H3Conn {
     held: VecDeque<(Instant, StreamId, Bytes)>,
     closed: bool,
     /// The configuration in force when the connection arrived.
-    live: Arc<crate::worker::Shared>,
+    live: Arc<crate::ctx::Shared>,
     /// The stream ID sent in our GOAWAY: requests on this stream or later are refused.
     goaway: Option<u64>,
     /// One past the highest request stream ID accepted so far.
@@ -129,11 +129,7 @@ pub(crate) struct H3Conn {
 }
 
 impl H3Conn {
-    pub fn new(
-        conn: quinn_proto::Connection,
-        now: Instant,
-        live: Arc<crate::worker::Shared>,
-    ) -> Self {
+    pub fn new(conn: quinn_proto::Connection, now: Instant, live: Arc<crate::ctx::Shared>) -> Self {
         Self {
             conn,
             timeout: None,

@@ -10,10 +10,10 @@ use tracing::debug;
 
 use super::target;
 use super::tunnel::{self, ClientGone, ClientRecv, ClientSend};
+use crate::ctx::WorkerCtx;
 use crate::proto::capsule;
 use crate::proto::connect_udp::{check_request, has_token, HttpVersion, Rejection, RequestHead};
 use crate::proto::sf::ProxyError;
-use crate::worker::WorkerCtx;
 
 const VERSION: HttpVersion = HttpVersion::Http11;
 /// Largest request head accepted; a longer one gets 431.

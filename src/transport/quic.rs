@@ -34,12 +34,12 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::h3::H3Conn;
+use crate::ctx::{Phase, WorkerCtx};
 use crate::io::dgram::{self, Engine, Role, SockId};
 use crate::io::quic_socket::QuicSocket;
 use crate::proto::connect_udp::HttpVersion;
 use crate::relay::flow::CloseReason;
 use crate::transport::tls::{self, Identity, TlsError};
-use crate::worker::{Phase, WorkerCtx};
 
 /// ALPN for HTTP/3.
 pub const ALPN_H3: &[u8] = b"h3";
@@ -749,7 +749,7 @@ mod tests {
         client: Endpoint,
         client_cfg: quinn_proto::ClientConfig,
         _phase: tokio::sync::watch::Sender<Phase>,
-        _live: tokio::sync::watch::Sender<Arc<crate::worker::Shared>>,
+        _live: tokio::sync::watch::Sender<Arc<crate::ctx::Shared>>,
         _dir: tempfile::TempDir,
     }
 

@@ -3,44 +3,18 @@
 //! policy allows. Every refusal comes back as a [`Rejection`] with its `Proxy-Status` error, and
 //! no socket exists for a refused request.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 
 use tracing::debug;
 
+use crate::ctx::WorkerCtx;
+pub use crate::io::resolve::{Resolution, Resolve, SystemResolver};
 use crate::io::udp::FlowSocket;
 use crate::proto::connect_udp::HttpVersion;
 use crate::proto::connect_udp::Rejection;
 use crate::proto::sf::ProxyError;
 use crate::proto::target::{Target, TargetHost};
-use crate::worker::WorkerCtx;
-
-/// A boxed resolution in progress.
-pub type Resolution = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>>;
-
-/// Turns a target host name into addresses. The relay uses [`SystemResolver`]; tests and
-/// embedders can put another behind [`crate::Relay::start_with_resolver`].
-pub trait Resolve: Send + Sync + std::fmt::Debug {
-    fn resolve(&self, host: &str, port: u16) -> Resolution;
-}
-
-/// The system resolver (getaddrinfo on tokio's blocking pool): /etc/hosts, nsswitch and
-/// resolv.conf apply, and the worker's event loop never blocks on it.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemResolver;
-
-impl Resolve for SystemResolver {
-    fn resolve(&self, host: &str, port: u16) -> Resolution {
-        let host = host.to_owned();
-        Box::pin(async move {
-            Ok(tokio::net::lookup_host((host.as_str(), port))
-                .await?
-                .collect())
-        })
-    }
-}
 
 /// Resolves, checks and connects.
 pub(crate) async fn open(

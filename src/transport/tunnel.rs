@@ -21,12 +21,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::debug;
 
+use crate::ctx::WorkerCtx;
 use crate::io::udp::{FlowSocket, Sent};
 use crate::metrics::{Direction, WorkerStats};
 use crate::proto::capsule::{CapsuleDecoder, Event};
 use crate::proto::connect_udp::HttpVersion;
 use crate::relay::flow::{ClientDatagram, CloseReason, DropReason, Flow};
-use crate::worker::WorkerCtx;
 
 /// Target datagrams read per wake-up of one flow before the others get a turn.
 const RECV_BUDGET: usize = 64;
@@ -90,7 +90,7 @@ pub(crate) async fn run<R: ClientRecv, S: ClientSend>(
     while reason.is_none() {
         reason = tokio::select! {
             biased;
-            () = crate::worker::reached(&mut phase, crate::worker::Phase::Stop) => Some(CloseReason::Drain),
+            () = crate::ctx::reached(&mut phase, crate::ctx::Phase::Stop) => Some(CloseReason::Drain),
             chunk = recv.recv() => match chunk {
                 Ok(Some(chunk)) => {
                     let r = client_capsules(&mut flow, &mut decoder, &sock, stats, &chunk);
