@@ -86,11 +86,23 @@ pub struct IoConfig {
     /// `auto` (io_uring when the start-up probe finds it usable, else the fallback), `uring`
     /// (refuse to start without it) or `mmsg` (recvmmsg/sendmmsg + epoll). Default `auto`.
     pub backend: crate::io::dgram::Choice,
-    /// Payload bytes of each target receive buffer; a longer datagram from a target is dropped
-    /// and counted (`truncated_receive`), never relayed cut short. 512..=65536. Default 4096.
+    /// Payload bytes of each target receive buffer; a longer datagram (or GRO train) from a
+    /// target is dropped and counted (`truncated_receive`), never relayed cut short. At 65536
+    /// egress sockets receive with UDP GRO (whole trains of datagrams from one target in one
+    /// buffer); below, without. 512..=65536. Default 65536.
     pub target_buffer_size: usize,
-    /// Target receive buffers per worker (a power of two, 64..=32768). Default 2048.
+    /// Target receive buffers per worker (a power of two, 64..=32768). Default 1024: a lone
+    /// flow's burst of a few hundred datagrams fits. At the default size that is 64 MiB of
+    /// address space per worker, resident as GRO trains fill the buffers.
     pub target_buffers: u16,
+    /// Egress sockets (sending to targets, receiving their replies) a worker may open per
+    /// address family. Each serves at most one flow per target address, so this caps the
+    /// flows to any one target per worker; flows to different targets share sockets.
+    /// 1..=60000. Default 16384.
+    pub egress_sockets_max: u32,
+    /// SO_RCVBUF / SO_SNDBUF asked for each egress socket (the kernel caps it at
+    /// net.core.rmem_max / wmem_max; the sysctl profiles raise those). Default 4 MiB.
+    pub egress_socket_buffer: usize,
     /// QUIC receive buffers per worker, 64 KiB each for GRO trains (a power of two,
     /// 8..=4096). Default 64.
     pub quic_buffers: u16,
@@ -103,6 +115,8 @@ impl Default for IoConfig {
             backend: crate::io::dgram::Choice::Auto,
             target_buffer_size: d.target_buffer_size,
             target_buffers: d.target_buffers,
+            egress_sockets_max: 16_384,
+            egress_socket_buffer: 4 << 20,
             quic_buffers: d.quic_buffers,
         }
     }
@@ -406,6 +420,9 @@ impl Config {
                 "io.target_buffers",
                 "must be a power of two within 64..=32768",
             ));
+        }
+        if !(1..=60_000).contains(&self.io.egress_sockets_max) {
+            return Err(bad("io.egress_sockets_max", "must be within 1..=60000"));
         }
         if !(8..=4096).contains(&self.io.quic_buffers) || !self.io.quic_buffers.is_power_of_two() {
             return Err(bad(

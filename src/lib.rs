@@ -7,6 +7,7 @@
 //! [`Relay::start`] wires them together; `main.rs` adds the command line and signals.
 
 pub mod config;
+pub mod counter;
 pub mod ctx;
 pub mod io;
 pub mod metrics;

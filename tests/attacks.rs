@@ -725,7 +725,11 @@ fn slow_reader_memory_stays_within_the_send_buffers() {
         );
         assert!(dropped > 0.0, "no datagram dropped for the slow reader");
         assert!(echoed, "the flow did not recover once the client read");
-        f.assert_bounded(32 * MIB, FD_SLACK);
+        // The worker's target receive pool (io.target_buffers of 64 KiB, allocated at start)
+        // becomes resident as GRO trains of the flood fill its buffers: bounded by the
+        // configuration, on top of the 32 MiB allowed for everything else.
+        let pool = u64::from(masque_relay::io::dgram::Sizes::default().target_buffers) * 64;
+        f.assert_bounded(32 * MIB + pool, FD_SLACK);
     });
 }
 

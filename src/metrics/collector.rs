@@ -215,6 +215,12 @@ const RECEIVE_PAUSED: Family = family(
     &["worker", "pool"],
     "Times receiving paused because the pool had no free buffer (datagrams wait in the kernel).",
 );
+const EGRESS_SOCKETS: Family = family(
+    "masque_relay_egress_sockets",
+    GAUGE,
+    &["worker"],
+    "Egress UDP sockets open (shared by the flows to different targets).",
+);
 const POOL_FREE: Family = family(
     "masque_relay_buffer_pool_free",
     GAUGE,
@@ -223,7 +229,7 @@ const POOL_FREE: Family = family(
 );
 
 /// Every family the collector emits, in output order.
-pub const FAMILIES: [&Family; 29] = [
+pub const FAMILIES: [&Family; 30] = [
     &BUILD_INFO,
     &IO_BACKEND_INFO,
     &CONNECTIONS_ACCEPTED,
@@ -253,6 +259,7 @@ pub const FAMILIES: [&Family; 29] = [
     &IO_SUBMISSIONS,
     &POOL_FREE,
     &RECEIVE_PAUSED,
+    &EGRESS_SOCKETS,
 ];
 
 /// Drop reasons the issue names that no code path produces yet; exported as 0 so dashboards and
@@ -562,10 +569,10 @@ impl Collector for RelayCollector {
             (&H3_STREAM_ERRORS, |s| &s.h3_stream_errors),
             (&QUIC_AMPLIFICATION_HELD, |s| &s.quic_amplification_held),
             (&QUIC_MISROUTED, |s| &s.quic_misrouted),
-            (&QUIC_SEND_ERRORS, |s| &s.quic_send_errors),
-            (&IO_PASSES, |s| &s.io_passes),
-            (&IO_COMPLETIONS, |s| &s.io_completions),
-            (&IO_SUBMISSIONS, |s| &s.io_submissions),
+            (&QUIC_SEND_ERRORS, |s| &s.io.quic_send_errors),
+            (&IO_PASSES, |s| &s.io.passes),
+            (&IO_COMPLETIONS, |s| &s.io.completions),
+            (&IO_SUBMISSIONS, |s| &s.io.submissions),
         ] {
             let mut b = Builder::new(family);
             for (w, s) in self.workers() {
@@ -576,15 +583,21 @@ impl Collector for RelayCollector {
 
         let mut b = Builder::new(&POOL_FREE);
         for (w, s) in self.workers() {
-            b.value(&[w, "target"], s.pool_free[0].get());
-            b.value(&[w, "quic"], s.pool_free[1].get());
+            b.value(&[w, "target"], s.io.pool_free[0].get());
+            b.value(&[w, "quic"], s.io.pool_free[1].get());
         }
         out.push(b.finish());
 
         let mut b = Builder::new(&RECEIVE_PAUSED);
         for (w, s) in self.workers() {
-            b.value(&[w, "target"], s.receive_paused[0].get());
-            b.value(&[w, "quic"], s.receive_paused[1].get());
+            b.value(&[w, "target"], s.io.receive_paused[0].get());
+            b.value(&[w, "quic"], s.io.receive_paused[1].get());
+        }
+        out.push(b.finish());
+
+        let mut b = Builder::new(&EGRESS_SOCKETS);
+        for (w, s) in self.workers() {
+            b.value(&[w], s.egress_sockets.get());
         }
         out.push(b.finish());
 

@@ -9,35 +9,16 @@
 pub mod collector;
 pub mod server;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::proto::connect_udp::{HttpVersion, Rejection};
 use crate::proto::sf::ProxyError;
 use crate::relay::flow::{CloseReason, DropReason};
 
+pub use crate::counter::{Counter, Gauge};
+use crate::io::dgram::{EngineStats, IoDrop};
 pub use collector::RelayCollector;
 pub use server::MetricsServer;
-
-/// A counter written by one thread and read by any.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    #[inline]
-    pub fn add(&self, n: u64) {
-        // Single writer: a load and a store are enough, no locked read-modify-write needed.
-        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
-    }
-    #[inline]
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    #[inline]
-    pub fn get(&self) -> u64 {
-        self.0.load(Relaxed)
-    }
-}
 
 /// A histogram of durations with fixed buckets, written by one thread and read by any.
 ///
@@ -182,6 +163,11 @@ pub const STATUS_CODES: [u16; 14] = [
     101, 200, 400, 403, 404, 405, 407, 429, 500, 501, 502, 503, 504, 0,
 ];
 
+/// The engine's send tag for datagrams of flows on `v`: its index in [`PROTOCOLS`].
+pub fn send_tag(v: HttpVersion) -> u8 {
+    proto_index(v) as u8
+}
+
 /// The protocols in label order.
 pub const PROTOCOLS: [HttpVersion; 3] =
     [HttpVersion::Http3, HttpVersion::Http2, HttpVersion::Http11];
@@ -289,39 +275,14 @@ impl ConnectionClose {
 /// The I/O backend label before a worker has started its datagram engine.
 pub const IO_BACKEND_NONE: &str = "none";
 
-/// A gauge written by one thread and read by any.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    #[inline]
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Relaxed);
-    }
-    #[inline]
-    pub fn get(&self) -> u64 {
-        self.0.load(Relaxed)
-    }
-}
-
 /// One worker's counters and histograms.
 #[derive(Debug)]
 pub struct WorkerStats {
+    /// What the worker's datagram engine counts itself (passes, pools, its drops, datagrams
+    /// the kernel took per protocol).
+    pub io: std::sync::Arc<EngineStats>,
     /// The I/O backend this worker runs on (an info metric), set when its engine starts.
     io_backend: std::sync::Mutex<&'static str>,
-    /// Datagram engine passes (completions in, submissions out).
-    pub io_passes: Counter,
-    /// Completions (io_uring) or datagrams read (fallback) handled by the passes.
-    pub io_completions: Counter,
-    /// Send messages handed to the kernel by the passes.
-    pub io_submissions: Counter,
-    /// Free receive buffers, per pool (`target`, `quic`), updated at each pass and each
-    /// buffer given back.
-    pub pool_free: [Gauge; 2],
-    /// Times receiving stopped because a pool had no free buffer, per pool: the datagrams
-    /// wait in the kernel's socket buffers until buffers come back (those the kernel then
-    /// drops are counted as `socket_buffer_full`).
-    pub receive_paused: [Counter; 2],
     pub connections_accepted: [Counter; 3],
     /// Connections closed without a reason, by protocol (exported as reason `other`); see
     /// [`WorkerStats::connection_ended`] for the classified ones.
@@ -337,6 +298,8 @@ pub struct WorkerStats {
     /// Refused requests by their `Proxy-Status` error, in [`ProxyError::ALL`] order.
     pub refusals: [Counter; ProxyError::ALL.len()],
     pub flows_opened: Counter,
+    /// Egress sockets the worker has open now (shared by its flows).
+    pub egress_sockets: Gauge,
     pub flows_closed: [Counter; CloseReason::ALL.len()],
     pub datagrams: [[Counter; 2]; 3],
     pub bytes: [[Counter; 2]; 3],
@@ -351,8 +314,6 @@ pub struct WorkerStats {
     pub quic_amplification_held: Counter,
     /// QUIC packets that reached this worker but belong to another one's connection.
     pub quic_misrouted: Counter,
-    /// QUIC packets the socket would not take (lost, as on the network; QUIC recovers).
-    pub quic_send_errors: Counter,
     /// Time from accept (TCP) or first packet (QUIC) to a completed handshake.
     pub handshake_seconds: Histogram,
     /// From a complete request head to the response sent, resolution and socket included.
@@ -364,12 +325,8 @@ pub struct WorkerStats {
 impl Default for WorkerStats {
     fn default() -> Self {
         Self {
+            io: Default::default(),
             io_backend: std::sync::Mutex::new(IO_BACKEND_NONE),
-            io_passes: Counter::default(),
-            io_completions: Counter::default(),
-            io_submissions: Counter::default(),
-            pool_free: Default::default(),
-            receive_paused: Default::default(),
             connections_accepted: Default::default(),
             connections_closed: Default::default(),
             connections_closed_by_reason: Default::default(),
@@ -378,6 +335,7 @@ impl Default for WorkerStats {
             requests: Default::default(),
             refusals: std::array::from_fn(|_| Counter::default()),
             flows_opened: Counter::default(),
+            egress_sockets: Gauge::default(),
             flows_closed: Default::default(),
             datagrams: Default::default(),
             bytes: Default::default(),
@@ -388,7 +346,6 @@ impl Default for WorkerStats {
             h3_stream_errors: Counter::default(),
             quic_amplification_held: Counter::default(),
             quic_misrouted: Counter::default(),
-            quic_send_errors: Counter::default(),
             handshake_seconds: Histogram::new(&HANDSHAKE_BUCKETS),
             request_seconds: Histogram::new(&RESPONSE_BUCKETS),
             flow_lifetime_seconds: Histogram::new(&FLOW_LIFETIME_BUCKETS),
@@ -528,17 +485,54 @@ impl WorkerStats {
     }
     pub fn drops_for(&self, r: DropReason) -> u64 {
         let i = DropReason::ALL.iter().position(|&x| x == r).unwrap_or(0);
-        self.drops[i].get()
+        let io = match r {
+            DropReason::NoBuffer => Some(IoDrop::BacklogFull),
+            DropReason::SocketBufferFull => Some(IoDrop::KernelDropped),
+            DropReason::Truncated => Some(IoDrop::Truncated),
+            DropReason::TargetBusy => Some(IoDrop::SendBufferFull),
+            DropReason::TooLarge => Some(IoDrop::TooLarge),
+            _ => None,
+        };
+        self.drops[i].get() + io.map_or(0, |d| self.io.drops_for(d))
     }
     pub fn flows_closed_for(&self, r: CloseReason) -> u64 {
         let i = CloseReason::ALL.iter().position(|&x| x == r).unwrap_or(0);
         self.flows_closed[i].get()
     }
+    /// Datagrams relayed; to targets, those the kernel took (counted by the engine per
+    /// protocol, the send tag being [`send_tag`]).
     pub fn datagrams_for(&self, v: HttpVersion, d: Direction) -> u64 {
-        self.datagrams[proto_index(v)][d as usize].get()
+        let p = proto_index(v);
+        self.datagrams[p][d as usize].get()
+            + match d {
+                Direction::ToTarget => self.io.sent[p][0].get(),
+                Direction::ToClient => 0,
+            }
     }
     pub fn bytes_for(&self, v: HttpVersion, d: Direction) -> u64 {
-        self.bytes[proto_index(v)][d as usize].get()
+        let p = proto_index(v);
+        self.bytes[p][d as usize].get()
+            + match d {
+                Direction::ToTarget => self.io.sent[p][1].get(),
+                Direction::ToClient => 0,
+            }
+    }
+
+    /// A request answered: its status, its `Proxy-Status` error (a refusal's), and the time
+    /// from the complete request head to the response. Every answer of every HTTP version,
+    /// accepted or refused, is recorded here and only here.
+    pub fn answered(
+        &self,
+        v: HttpVersion,
+        status: u16,
+        refusal: Option<&Rejection>,
+        took: Duration,
+    ) {
+        self.request(v, status);
+        if let Some(e) = refusal.and_then(|r| r.proxy_error) {
+            self.refusal(e);
+        }
+        self.request_seconds.observe(took);
     }
 }
 

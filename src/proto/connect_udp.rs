@@ -44,6 +44,35 @@ pub struct RequestHead<'a> {
     pub capsule_protocol: Option<&'a [u8]>,
 }
 
+/// A request as any HTTP version hands it to the admission pipeline, owning its fields (it may
+/// wait for a name to resolve).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedRequest {
+    pub version: HttpVersion,
+    pub method: String,
+    pub protocol: Option<String>,
+    pub scheme: Option<String>,
+    pub authority: Option<String>,
+    pub path: Option<String>,
+    pub capsule_protocol: Option<Vec<u8>>,
+    pub proxy_authorization: Option<Vec<u8>>,
+}
+
+impl OwnedRequest {
+    /// The view [`check_request`] takes.
+    pub fn head(&self) -> RequestHead<'_> {
+        RequestHead {
+            version: self.version,
+            method: &self.method,
+            protocol: self.protocol.as_deref(),
+            scheme: self.scheme.as_deref(),
+            authority: self.authority.as_deref(),
+            path: self.path.as_deref(),
+            capsule_protocol: self.capsule_protocol.as_deref(),
+        }
+    }
+}
+
 /// A refused request: what to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {

@@ -46,6 +46,9 @@ pub enum DropReason {
     /// The kernel dropped it: the socket's receive buffer was full (reported by
     /// `SO_RXQ_OVFL` with the next datagram the socket delivers).
     SocketBufferFull,
+    /// From a source that is no flow's target: a third host sending to an egress socket, or a
+    /// late reply to a flow that has closed.
+    UnknownSource,
     /// Longer than the worker's receive buffers (`io.target_buffer_size`): cut short by the
     /// kernel, so dropped rather than relayed incomplete.
     Truncated,
@@ -53,7 +56,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// All reasons, for metric label enumeration.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::UnknownContext,
         DropReason::TooLarge,
         DropReason::ClientNotReading,
@@ -63,6 +66,7 @@ impl DropReason {
         DropReason::RateLimit,
         DropReason::NoBuffer,
         DropReason::SocketBufferFull,
+        DropReason::UnknownSource,
         DropReason::Truncated,
     ];
 
@@ -78,6 +82,7 @@ impl DropReason {
             DropReason::RateLimit => "rate_limit",
             DropReason::NoBuffer => "buffer_pool_empty",
             DropReason::SocketBufferFull => "socket_buffer_full",
+            DropReason::UnknownSource => "unknown_source",
             DropReason::Truncated => "truncated_receive",
         }
     }

@@ -125,6 +125,13 @@ pub struct FlowPermit {
     identity: Option<String>,
 }
 
+impl FlowPermit {
+    /// The identity the flow was admitted for, if authenticated.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+}
+
 impl Drop for FlowPermit {
     fn drop(&mut self) {
         if let Some(id) = self.identity.take() {

@@ -4,16 +4,18 @@
 //! The request head is parsed with `httparse`; [`parse_head`] is pure so it can be tested and
 //! fuzzed on its own. One connection carries at most one flow; refusals close the connection.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use super::target;
-use super::tunnel::{self, ClientGone, ClientRecv, ClientSend};
 use crate::ctx::WorkerCtx;
-use crate::proto::capsule;
-use crate::proto::connect_udp::{check_request, has_token, HttpVersion, Rejection, RequestHead};
+use crate::proto::connect_udp::{has_token, HttpVersion, OwnedRequest, Rejection};
 use crate::proto::sf::ProxyError;
+use crate::relay::flow::CloseReason;
+use crate::worker::core::{CoreMsg, TcpAnswer, TcpConnId};
 
 const VERSION: HttpVersion = HttpVersion::Http11;
 /// Largest request head accepted; a longer one gets 431.
@@ -147,11 +149,36 @@ fn split_absolute_form(target: &str) -> Option<(&str, String)> {
     Some((authority, path))
 }
 
-/// Serves one HTTP/1.1 connection (after TLS): one upgrade, then the tunnel.
+/// Serves one HTTP/1.1 connection (after TLS): one upgrade, then the tunnel. The request is
+/// admitted and its flow opened by the worker's pass; this task reads the client's capsule
+/// bytes and hands them on as they arrive, and writes the capsules the pass sends back.
 pub(crate) async fn serve<T>(
     ctx: WorkerCtx,
+    io: T,
+    core: mpsc::UnboundedSender<CoreMsg>,
+    conn: TcpConnId,
+    tls_identity: Option<String>,
+) -> std::io::Result<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let (ctl_tx, _ctl) = mpsc::unbounded_channel();
+    let _ = core.send(CoreMsg::TcpOpen {
+        conn,
+        version: VERSION,
+        tls_identity,
+        ctl: ctl_tx,
+    });
+    let result = run(&ctx, io, &core, conn).await;
+    let _ = core.send(CoreMsg::TcpClosed { conn });
+    result
+}
+
+async fn run<T>(
+    ctx: &WorkerCtx,
     mut io: T,
-    limits: std::rc::Rc<super::admit::ConnLimits>,
+    core: &mpsc::UnboundedSender<CoreMsg>,
+    conn: TcpConnId,
 ) -> std::io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
@@ -164,7 +191,7 @@ where
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Err(_) => {
                 let r = Rejection::new(408, None, "request head not received in time");
-                return refuse(&ctx, &mut io, &r).await;
+                return refuse(ctx, &mut io, &r, None).await;
             }
             Ok(Err(e)) => return Err(e),
             Ok(Ok(0)) => return Ok(()), // closed before a complete request
@@ -178,82 +205,117 @@ where
             }
             Parsed::Error(status, why) => {
                 let r = Rejection::new(status, Some(ProxyError::HttpRequestError), why);
-                return refuse(&ctx, &mut io, &r).await;
+                return refuse(ctx, &mut io, &r, None).await;
             }
             Parsed::Complete(head) => break head,
         }
     };
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     if !head.connection_upgrade && head.method == "GET" {
         let r = Rejection::new(
             400,
             Some(ProxyError::HttpRequestError),
             "Connection must list upgrade",
         );
-        let sent = refuse(&ctx, &mut io, &r).await;
-        ctx.stats.request_seconds.observe(started.elapsed());
-        return sent;
+        return refuse(ctx, &mut io, &r, Some(started)).await;
     }
-    let req = RequestHead {
+    let request = OwnedRequest {
         version: VERSION,
-        method: &head.method,
-        protocol: head.upgrade.as_deref(),
+        method: head.method.clone(),
+        protocol: head.upgrade.clone(),
         scheme: None,
-        authority: head.host.as_deref(),
-        path: Some(&head.path),
-        capsule_protocol: head.capsule_protocol.as_deref(),
+        authority: head.host.clone(),
+        path: Some(head.path.clone()),
+        capsule_protocol: head.capsule_protocol.clone(),
+        proxy_authorization: head.proxy_authorization.clone(),
     };
-    if ctx.refusing() {
-        // Draining: no new flows (RFC 9110 §15.6.4).
-        let r = Rejection::new(503, None, "relay is draining");
-        return refuse(&ctx, &mut io, &r).await;
+    // What may wait for the client: a capsule is at least a few bytes, most are datagrams of
+    // a packet's size.
+    let depth = (shared.config.client_send_buffer / 1500).max(16);
+    let (out_tx, mut out) = mpsc::channel::<Bytes>(depth);
+    let (reply_tx, reply) = oneshot::channel();
+    let _ = core.send(CoreMsg::Request {
+        conn,
+        stream: 0,
+        request,
+        started,
+        answer: TcpAnswer::H1 {
+            reply: reply_tx,
+            out: out_tx,
+        },
+    });
+    match reply.await {
+        Ok(Ok(())) => {}
+        Ok(Err(r)) => return write_refusal(&mut io, &r).await,
+        Err(_) => return Ok(()), // the worker stopped
     }
-    let ticket = match super::admit::admit(&shared, &limits, head.proxy_authorization.as_deref()) {
-        Ok(t) => t,
-        Err(r) => return refuse(&ctx, &mut io, &r).await,
-    };
-    let opened = match check_request(&req, &shared.config.uri_template) {
-        Ok(t) => target::open(&ctx, &t, HttpVersion::Http11).await,
-        Err(r) => Err(r),
-    };
-    let sock = match opened {
-        Ok(s) => s,
-        Err(r) => {
-            let sent = refuse(&ctx, &mut io, &r).await;
-            ctx.stats.request_seconds.observe(started.elapsed());
-            return sent;
-        }
-    };
     io.write_all(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\
           Capsule-Protocol: ?1\r\n\r\n",
     )
     .await?;
     io.flush().await?;
-    ctx.stats.request_seconds.observe(started.elapsed());
-    ctx.stats.request(VERSION, 101);
-    ctx.stats.flows_opened.inc();
-    debug!(target = %sock.target(), "http/1.1 flow opened");
     buf.advance(head.len);
-    let first = (!buf.is_empty()).then(|| buf.split().freeze());
-    let (r, w) = tokio::io::split(io);
-    let recv = H1Recv { io: r, buf };
-    let send = H1Send {
-        io: w,
-        pending: BytesMut::new(),
-        limit: shared.config.client_send_buffer,
-    };
-    tunnel::run(&ctx, VERSION, sock, recv, send, first, Some(ticket)).await;
-    Ok(())
+    if !buf.is_empty() {
+        let data = buf.split().freeze();
+        let _ = core.send(CoreMsg::Chunk {
+            conn,
+            stream: 0,
+            data,
+        });
+    }
+    let (mut r, mut w) = tokio::io::split(io);
+    let mut reading = true;
+    loop {
+        if buf.capacity() < 2048 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            n = r.read_buf(&mut buf), if reading => match n {
+                Ok(0) | Err(_) => {
+                    let reason = if n.is_ok() { CloseReason::ClientEnd } else { CloseReason::ClientAbort };
+                    reading = false;
+                    let _ = core.send(CoreMsg::ClientEnd { conn, stream: 0, reason });
+                }
+                Ok(_) => {
+                    let data = buf.split().freeze();
+                    let _ = core.send(CoreMsg::Chunk { conn, stream: 0, data });
+                }
+            },
+            capsule = out.recv() => match capsule {
+                Some(c) => {
+                    w.write_all(&c).await?;
+                    // Whatever else is ready goes out in the same flush.
+                    while let Ok(c) = out.try_recv() {
+                        w.write_all(&c).await?;
+                    }
+                    w.flush().await?;
+                }
+                // The flow ended: on HTTP/1.1 the connection ends with it.
+                None => {
+                    let _ = w.shutdown().await;
+                    return Ok(());
+                }
+            },
+        }
+    }
 }
 
+/// Refuses a request this task could not even hand on (a malformed head), recorded like every
+/// other answer.
 async fn refuse<T: AsyncWrite + Unpin>(
     ctx: &WorkerCtx,
     io: &mut T,
     r: &Rejection,
+    started: Option<Instant>,
 ) -> std::io::Result<()> {
     debug!(status = r.status, details = %r.details, "http/1.1 request refused");
-    ctx.stats.refused(VERSION, r);
+    let took = started.map_or(std::time::Duration::ZERO, |t| t.elapsed());
+    ctx.stats.answered(VERSION, r.status, Some(r), took);
+    write_refusal(io, r).await
+}
+
+async fn write_refusal<T: AsyncWrite + Unpin>(io: &mut T, r: &Rejection) -> std::io::Result<()> {
     let reason = http::StatusCode::from_u16(r.status)
         .ok()
         .and_then(|s| s.canonical_reason())
@@ -271,66 +333,6 @@ async fn refuse<T: AsyncWrite + Unpin>(
     resp.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
     io.write_all(resp.as_bytes()).await?;
     io.shutdown().await
-}
-
-struct H1Recv<T> {
-    io: ReadHalf<T>,
-    buf: BytesMut,
-}
-
-impl<T: AsyncRead + AsyncWrite> ClientRecv for H1Recv<T> {
-    async fn recv(&mut self) -> Result<Option<Bytes>, ClientGone> {
-        if self.buf.capacity() < 2048 {
-            self.buf.reserve(16 * 1024);
-        }
-        match self.io.read_buf(&mut self.buf).await? {
-            0 => Ok(None),
-            _ => Ok(Some(self.buf.split().freeze())),
-        }
-    }
-
-    fn release(&mut self, _n: usize) {}
-}
-
-struct H1Send<T> {
-    io: WriteHalf<T>,
-    /// Encoded capsules not yet written to the connection, at most `limit` bytes.
-    pending: BytesMut,
-    limit: usize,
-}
-
-impl<T: AsyncRead + AsyncWrite> ClientSend for H1Send<T> {
-    fn try_send_datagram(&mut self, payload: &[u8]) -> bool {
-        let len = capsule::datagram_header_len(0, payload.len()) + payload.len();
-        if self.pending.len() + len > self.limit {
-            return false;
-        }
-        capsule::encode_datagram_header(0, payload.len(), &mut self.pending);
-        self.pending.put_slice(payload);
-        true
-    }
-
-    async fn drive(&mut self) -> Result<(), ClientGone> {
-        if self.pending.is_empty() {
-            return std::future::pending().await;
-        }
-        // write_buf advances `pending` by what was written; cancel-safe.
-        self.io.write_buf(&mut self.pending).await?;
-        if self.pending.is_empty() {
-            self.io.flush().await?;
-        }
-        Ok(())
-    }
-
-    async fn finish(mut self) {
-        let _ = self.io.write_all(&self.pending).await;
-        let _ = self.io.shutdown().await;
-    }
-
-    fn abort(self, _protocol_error: bool) {
-        // Dropping both halves closes the TCP connection without close_notify: on HTTP/1.1 an
-        // aborted tunnel is an aborted connection.
-    }
 }
 
 #[cfg(test)]

@@ -2,13 +2,9 @@
 //! and HTTP/3, TLS, HTTP/2, HTTP/1.1, the shared flow loop, and opening target sockets. These do
 //! I/O through tokio and `crate::io`.
 
-pub mod admit;
-pub(crate) mod arena;
 pub mod h2;
-pub mod h3;
 pub mod http1;
 pub mod quic;
 pub mod stall;
 pub mod target;
 pub mod tls;
-pub mod tunnel;

@@ -1,24 +1,21 @@
-//! QUIC for one worker: a `quinn_proto::Endpoint` driven by this worker on its own SO_REUSEPORT
-//! socket, with connection IDs that name the worker.
+//! QUIC for one worker: a `quinn_proto::Endpoint` driven by the worker's pass on the worker's
+//! own SO_REUSEPORT socket, with connection IDs that name the worker.
 //!
-//! The driver follows quinn-proto's contract (see the doc of `quinn_proto::Connection`):
+//! The driver follows quinn-proto's contract (see the doc of `quinn_proto::Connection`) and
+//! does no I/O itself: packets come in through [`QuicDriver::handle_packet`], time through
+//! `now`, and transmits leave through [`QuicOut`] (the worker's datagram engine, or a test's
+//! queue):
 //!
 //! ```text
-//! engine backlog (GRO train in a pool buffer) --> one copy --> Endpoint::handle --> NewConnection   -> accept / retry / refuse
-//!                                         --> ConnectionEvent -> Connection::handle_event
-//!                                         --> Response        -> send
-//! timer            --> Connection::handle_timeout
-//! then for every connection touched: poll_transmit (GSO) -> poll_timeout -> poll_endpoint_events
-//!                                    (-> Endpoint::handle_event) -> poll (application events, h3)
-//! transmits: written by quinn-proto into an engine send buffer --> Engine::send_to (queued,
-//!            submitted with the pass)
+//! packet (a GRO segment) --> one copy --> Endpoint::handle --> NewConnection   -> accept / retry / refuse
+//!                                                         --> ConnectionEvent -> Connection::handle_event
+//!                                                         --> Response        -> send
+//! timer --> Connection::handle_timeout
+//! then for every connection touched, within the pass budget: poll_transmit (GSO) ->
+//!   poll_timeout -> poll_endpoint_events (-> Endpoint::handle_event) -> the HTTP/3 session
+//!   (`relay::h3`), whose events the worker takes with [`QuicDriver::take_evented`]
 //! ```
-//!
-//! Everything runs on the worker's thread. The HTTP/3 sessions live in [`super::h3`]; tasks of
-//! the same worker (flow readers, target resolution) reach the driver's state through an
-//! `Rc<RefCell<..>>` and wake it with a `Notify`, never across threads.
 
-use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,15 +27,14 @@ use quinn_proto::{
 };
 use rand::Rng;
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::h3::H3Conn;
-use crate::ctx::{Phase, WorkerCtx};
+use crate::ctx::WorkerCtx;
 use crate::io::dgram::{self, Engine, Role, SockId};
-use crate::io::quic_socket::QuicSocket;
 use crate::proto::connect_udp::HttpVersion;
-use crate::relay::flow::CloseReason;
+use crate::relay::admission::ConnAdmission;
+use crate::relay::flow_table::FlowId;
+use crate::relay::h3::{H3Session, SessionConfig};
 use crate::transport::tls::{self, Identity, TlsError};
 
 /// ALPN for HTTP/3.
@@ -47,8 +43,6 @@ pub const ALPN_H3: &[u8] = b"h3";
 pub const CID_LEN: usize = 8;
 /// Bytes in one GSO train at most (a UDP send carries at most 65,507).
 const MAX_GSO_BYTES: usize = 65_000;
-/// Datagram events handled per wake-up before transmits and timers get their turn.
-const RECV_BUDGET: usize = 64;
 /// Connections polled in one pass at most; the rest stay marked for the next one.
 const CONNS_PER_PASS: usize = 256;
 /// Rounds (transmit, timer, endpoint events, HTTP/3 events) one connection gets per pass.
@@ -145,6 +139,11 @@ impl Amplification {
         ok
     }
 
+    /// The address is validated (the handshake completed): no limit from now on.
+    pub fn validate(&mut self) {
+        self.validated = true;
+    }
+
     /// May a datagram of `len` bytes go out now? Counts it if so.
     pub fn may_send(&mut self, len: usize) -> bool {
         self.allow(len, len) == len
@@ -193,12 +192,7 @@ pub fn server_config(
     Ok(Arc::new(server))
 }
 
-/// The state of one worker's QUIC side, shared with the worker's tasks.
-pub(crate) type Shared = Rc<RefCell<QuicDriver>>;
-
-/// Where the driver's packets go: the worker's datagram engine, or a test's queue. The driver
-/// itself does no I/O: packets come in through [`QuicDriver::handle_packet`], time through
-/// `now` arguments, and transmits leave through this.
+/// Where the driver's packets go: the worker's datagram engine, or a test's queue.
 pub(crate) trait QuicOut {
     /// An empty buffer (64 KiB capacity) for quinn-proto to write a transmit into.
     fn tx_buf(&self) -> Vec<u8>;
@@ -209,9 +203,10 @@ pub(crate) trait QuicOut {
 }
 
 /// The worker's datagram engine as the driver's output: the QUIC socket's sends.
-struct EngineOut {
-    engine: Rc<Engine>,
-    sock: SockId,
+#[derive(Debug)]
+pub(crate) struct EngineOut {
+    pub engine: Rc<Engine>,
+    pub sock: SockId,
 }
 
 impl QuicOut for EngineOut {
@@ -224,7 +219,7 @@ impl QuicOut for EngineOut {
     }
 
     fn send(&self, t: dgram::Transmit) -> bool {
-        self.engine.send_to(self.sock, t)
+        self.engine.send_transmit(self.sock, t)
     }
 }
 
@@ -241,25 +236,37 @@ pub(crate) struct PassWork {
     pub more: bool,
 }
 
-/// One worker's endpoint, socket and connections.
+/// One connection: its HTTP/3 session and what the driver and the worker keep beside it.
+#[derive(Debug)]
+pub(crate) struct QuicConn {
+    pub session: H3Session,
+    /// The connection's admission state (flows held, new-flow rate, mTLS identity).
+    pub admission: ConnAdmission,
+    timeout: Option<Instant>,
+    /// Bytes in and out before the client's address is validated.
+    amplification: Amplification,
+}
+
+/// One worker's endpoint and connections.
 pub(crate) struct QuicDriver {
     pub ctx: WorkerCtx,
     out: Box<dyn QuicOut>,
     max_gso: usize,
     endpoint: Endpoint,
-    /// The flow table's first level: connections by handle. Handles are quinn-proto's own
-    /// indices, never chosen by a peer, so they are hashed with Fx; the second level (requests
-    /// by stream ID, in `H3Conn`) is keyed by peer-chosen IDs and keeps SipHash. A datagram's
-    /// lookup is two O(1) probes, on this worker's thread only.
-    pub conns: FxHashMap<ConnectionHandle, H3Conn>,
+    /// Connections by handle. Handles are quinn-proto's own indices, never chosen by a peer,
+    /// so they are hashed with Fx; requests by stream ID (in the session) are keyed by
+    /// peer-chosen IDs and keep SipHash.
+    pub conns: FxHashMap<ConnectionHandle, QuicConn>,
     /// Connections with work to do (events handled, data written) since their last poll.
     dirty: FxHashSet<ConnectionHandle>,
     /// Connections whose pass budget ran out: polled again at the next pass.
     deferred: Vec<ConnectionHandle>,
+    /// Connections whose sessions have events for the worker.
+    evented: Vec<ConnectionHandle>,
+    /// Flows of connections that went away, for the worker to close.
+    ended: Vec<FlowId>,
     /// Every connection's next deadline, soonest first, so a pass looks at expired ones only.
     timers: BTreeSet<(Instant, ConnectionHandle)>,
-    /// Wakes the driver task after another task touched a connection.
-    pub wake: Rc<Notify>,
     workers: usize,
     /// New connections are refused, and connections close once their flows are done.
     draining: bool,
@@ -297,8 +304,9 @@ impl QuicDriver {
             conns: FxHashMap::default(),
             dirty: FxHashSet::default(),
             deferred: Vec::new(),
+            evented: Vec::new(),
+            ended: Vec::new(),
             timers: BTreeSet::new(),
-            wake: Rc::new(Notify::new()),
             workers,
             draining: false,
         }
@@ -307,6 +315,26 @@ impl QuicDriver {
     /// Marks a connection as needing a poll pass.
     pub fn touch(&mut self, ch: ConnectionHandle) {
         self.dirty.insert(ch);
+    }
+
+    /// True when connections wait for a poll.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// A reload: new connections get the new certificate and limits.
+    pub fn set_server_config(&mut self, server: Option<Arc<ServerConfig>>) {
+        self.endpoint.set_server_config(server);
+    }
+
+    /// The connections whose sessions have events, each once (the worker polls them).
+    pub fn take_evented(&mut self, out: &mut Vec<ConnectionHandle>) {
+        out.append(&mut self.evented);
+    }
+
+    /// Flows whose connections went away since the last call.
+    pub fn take_ended(&mut self, out: &mut Vec<FlowId>) {
+        out.append(&mut self.ended);
     }
 
     /// One UDP datagram from a client (one segment of a GRO train).
@@ -330,7 +358,7 @@ impl QuicDriver {
             .is_some_and(|b| b & 0x80 != 0 && (b >> 4) & 0x3 == 0x2);
         // The one copy on receive: into the worker's arena, which quinn-proto decrypts in
         // place and slices the DATAGRAM payloads from.
-        let data = super::arena::take(super::arena::Use::Rx, seg.len(), |b| {
+        let data = crate::relay::arena::take(crate::relay::arena::Use::Rx, seg.len(), |b| {
             b.extend_from_slice(seg)
         });
         let mut response = self.out.tx_buf();
@@ -342,7 +370,7 @@ impl QuicDriver {
                 self.out.give_back(response);
                 if let Some(c) = self.conns.get_mut(&ch) {
                     c.amplification.received(seg.len(), validates);
-                    c.conn.handle_event(ev);
+                    c.session.conn.handle_event(ev);
                     self.dirty.insert(ch);
                 }
             }
@@ -378,7 +406,7 @@ impl QuicDriver {
         let pending = self
             .conns
             .values()
-            .filter(|c| c.conn.is_handshaking())
+            .filter(|c| c.session.conn.is_handshaking())
             .count();
         let mut response = self.out.tx_buf();
         if self.draining || self.conns.len() >= h3.max_connections_per_worker {
@@ -403,9 +431,18 @@ impl QuicDriver {
             Ok((ch, conn)) => {
                 self.out.give_back(response);
                 debug!(worker = self.ctx.id, remote = %conn.remote_address(), "QUIC connection accepted");
-                let mut c = H3Conn::new(conn, now, live.clone());
+                let cfg = SessionConfig {
+                    max_field_section_size: h3.max_field_section_size,
+                    max_udp_payload: live.config.max_udp_payload,
+                    client_send_buffer: live.config.client_send_buffer,
+                };
+                let mut c = QuicConn {
+                    session: H3Session::new(conn, cfg, now),
+                    admission: ConnAdmission::new(&live.config, None, now),
+                    timeout: None,
+                    amplification: Amplification::default(),
+                };
                 c.amplification.received(len, validated);
-                c.open_control();
                 self.conns.insert(ch, c);
                 self.dirty.insert(ch);
             }
@@ -447,14 +484,14 @@ impl QuicDriver {
             self.timers.pop_first();
             if let Some(c) = self.conns.get_mut(&ch) {
                 c.timeout = None;
-                c.conn.handle_timeout(now);
+                c.session.conn.handle_timeout(now);
                 self.dirty.insert(ch);
             }
         }
     }
 
     /// Records a connection's next deadline in the timer set.
-    fn set_timer(&mut self, ch: ConnectionHandle, c: &mut H3Conn, next: Option<Instant>) {
+    fn set_timer(&mut self, ch: ConnectionHandle, c: &mut QuicConn, next: Option<Instant>) {
         if c.timeout == next {
             return;
         }
@@ -471,7 +508,8 @@ impl QuicDriver {
     /// connections, [`ROUNDS_PER_CONN`] rounds each, [`TRANSMITS_PER_ROUND`] transmits a
     /// round. Whatever a peer does or stops doing, a pass ends; a connection with work left
     /// stays marked and is polled at the next pass, after the worker's other tasks have run.
-    pub fn drive_dirty(&mut self, now: Instant, this: &Shared) -> PassWork {
+    /// Sessions with events for the worker are listed for [`QuicDriver::take_evented`].
+    pub fn drive_dirty(&mut self, now: Instant) -> PassWork {
         let mut work = PassWork::default();
         while let Some(&ch) = self.dirty.iter().next() {
             if work.conns == CONNS_PER_PASS {
@@ -486,12 +524,18 @@ impl QuicDriver {
             // A GSO train must fit in one UDP send (64 KiB): the kernel refuses a longer one
             // with EMSGSIZE, losing the whole train, which quinn-proto would then take for a
             // path MTU problem.
-            let mtu = usize::from(c.conn.current_mtu()).max(1);
+            let mtu = usize::from(c.session.conn.current_mtu()).max(1);
             let max_gso = self.max_gso.min(MAX_GSO_BYTES / mtu).max(1);
             let mut rounds = 0;
             loop {
                 rounds += 1;
                 work.rounds += 1;
+                // The handshake completes only once the client's Handshake packet arrived,
+                // which validates its address (RFC 9000 §8.1), even when it came coalesced
+                // behind an Initial in one datagram.
+                if !c.session.conn.is_handshaking() {
+                    c.amplification.validate();
+                }
                 // 1. transmit (GSO batches)
                 let mut more = false;
                 let mut sent = 0;
@@ -501,7 +545,7 @@ impl QuicDriver {
                         break;
                     }
                     let mut buf = self.out.tx_buf();
-                    match c.conn.poll_transmit(now, max_gso, &mut buf) {
+                    match c.session.conn.poll_transmit(now, max_gso, &mut buf) {
                         Some(mut t) => {
                             let ok = c
                                 .amplification
@@ -529,19 +573,19 @@ impl QuicDriver {
                 }
                 work.transmits += sent;
                 // 2. timer
-                let next = c.conn.poll_timeout();
+                let next = c.session.conn.poll_timeout();
                 self.set_timer(ch, &mut c, next);
                 // 3. endpoint events
-                while let Some(ev) = c.conn.poll_endpoint_events() {
+                while let Some(ev) = c.session.conn.poll_endpoint_events() {
                     if let Some(cev) = self.endpoint.handle_event(ch, ev) {
-                        c.conn.handle_event(cev);
+                        c.session.conn.handle_event(cev);
                     }
                 }
                 // 4. application events: the HTTP/3 session
-                more |= c.process(ch, now, &self.ctx, this);
+                more |= c.session.process(now, &self.ctx.stats);
                 // A draining connection with nothing left to relay is closed, once.
-                if self.draining && !c.is_closed() && c.drained() {
-                    c.close_gracefully(now);
+                if self.draining && !c.session.is_closed() && c.session.drained() {
+                    c.session.close_gracefully(now);
                     more = true;
                 }
                 if !more {
@@ -552,10 +596,15 @@ impl QuicDriver {
                     break;
                 }
             }
-            if c.conn.is_drained() {
+            if c.session.has_events() {
+                self.evented.push(ch);
+            }
+            if c.session.conn.is_drained() {
                 debug!(worker = self.ctx.id, "QUIC connection drained");
                 self.set_timer(ch, &mut c, None);
-                c.close_all_flows(&self.ctx, CloseReason::ClientAbort);
+                self.ended.extend(c.session.take_flows());
+                // Events left (a last Datagram, say) are moot: the flows end.
+                self.evented.retain(|x| *x != ch);
                 self.ctx.stats.connection_closed(HttpVersion::Http3);
             } else {
                 self.conns.insert(ch, c);
@@ -569,161 +618,67 @@ impl QuicDriver {
     }
 
     /// Shutdown: every connection is closed with H3_NO_ERROR (its CONNECTION_CLOSE is queued
-    /// by one last bounded pass) and its flows are counted as ended by the drain.
-    pub fn shutdown(&mut self, now: Instant, this: &Shared) {
+    /// by one last bounded pass). Returns the flows that were still open, for the worker to
+    /// count as ended by the drain.
+    pub fn shutdown(&mut self, now: Instant) -> Vec<FlowId> {
+        let mut flows = Vec::new();
         let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
         for ch in handles {
             if let Some(c) = self.conns.get_mut(&ch) {
-                c.close_gracefully(now);
-                c.close_all_flows(&self.ctx, CloseReason::Drain);
+                c.session.close_gracefully(now);
+                flows.extend(c.session.take_flows());
             }
             self.dirty.insert(ch);
         }
-        self.drive_dirty(now, this);
+        self.drive_dirty(now);
         self.timers.clear();
+        self.evented.clear();
+        flows.append(&mut self.ended);
         for _ in self.conns.drain() {
             self.ctx.stats.connection_closed(HttpVersion::Http3);
         }
+        flows
     }
 
     /// Graceful drain: GOAWAY on every connection; new connections are refused from now on.
-    fn begin_drain(&mut self) {
+    pub fn begin_drain(&mut self) {
         self.draining = true;
         let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
         for ch in handles {
             if let Some(c) = self.conns.get_mut(&ch) {
-                c.goaway();
+                c.session.goaway();
             }
             self.dirty.insert(ch);
         }
-        self.wake.notify_one();
     }
 
-    fn next_timeout(&self) -> Option<Instant> {
+    pub fn next_timeout(&self) -> Option<Instant> {
         self.timers.first().map(|(t, _)| *t)
     }
 }
 
 /// Configures the QUIC socket (GRO, ECN, packet info, DF) and hands it to the worker's engine.
-fn register(socket: std::net::UdpSocket) -> std::io::Result<(Rc<Engine>, QuicSocket, SockId)> {
-    let engine = dgram::current()?;
-    let q = QuicSocket::new(&socket)?;
-    let id = engine.register(socket, Role::Quic)?;
-    Ok((engine, q, id))
-}
-
-/// Feeds what the engine received on the QUIC socket to the driver, up to [`RECV_BUDGET`]
-/// datagrams (GRO segments count one each).
-fn receive(engine: &Engine, sock: SockId, d: &mut QuicDriver, now: Instant) {
-    let mut handled = 0;
-    while handled < RECV_BUDGET {
-        let rx = match engine.try_recv(sock) {
-            None => return,
-            Some(Ok(rx)) => rx,
-            Some(Err(e)) => {
-                debug!(worker = d.ctx.id, error = %e, "QUIC socket receive failed");
-                return;
-            }
-        };
-        let Some(addr) = rx.addr else {
-            continue;
-        };
-        for seg in rx.datagrams() {
-            handled += 1;
-            d.handle_packet(now, addr, rx.info.dst_ip, rx.info.ecn, seg);
-        }
-    }
-}
-
-/// Runs the worker's QUIC side until shutdown.
-pub(crate) async fn run(
-    ctx: WorkerCtx,
+/// Returns its id, the GSO segments one send may carry, and whether path MTU discovery is
+/// safe (the socket does not fragment).
+pub(crate) fn register(
+    engine: &Engine,
     socket: std::net::UdpSocket,
-    server: Arc<ServerConfig>,
-    workers: usize,
-) {
-    let (engine, quic_socket, sock) = match register(socket) {
-        Ok(x) => x,
-        Err(e) => {
-            warn!(worker = ctx.id, error = %e, "cannot register the QUIC socket");
-            return;
-        }
-    };
-    let mut phase = ctx.phase.clone();
-    let mut live = ctx.live.clone();
+) -> std::io::Result<(SockId, usize, bool)> {
+    let q = crate::io::quic_socket::QuicSocket::new(&socket)?;
+    let id = engine.register(socket, Role::Quic)?;
     let max_gso = if engine.gso() {
-        quic_socket.max_gso_segments()
+        q.max_gso_segments()
     } else {
         1
     };
-    let out = Box::new(EngineOut {
-        engine: engine.clone(),
-        sock,
-    });
-    let driver: Shared = Rc::new(RefCell::new(QuicDriver::new(
-        ctx,
-        out,
-        max_gso,
-        !quic_socket.may_fragment(),
-        server,
-        workers,
-    )));
-    let wake = driver.borrow().wake.clone();
-    let mut draining = false;
-    loop {
-        let deadline = driver.borrow().next_timeout();
-        let sleep = async {
-            match deadline {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            r = phase.changed() => {
-                let now_phase = if r.is_err() { Phase::Stop } else { *phase.borrow_and_update() };
-                match now_phase {
-                    Phase::Stop => break,
-                    Phase::Drain if !draining => {
-                        draining = true;
-                        driver.borrow_mut().begin_drain();
-                    }
-                    _ => {}
-                }
-            }
-            r = live.changed() => {
-                if r.is_ok() {
-                    // Reload: new connections get the new certificate and limits.
-                    let quic = live.borrow_and_update().quic.clone();
-                    driver.borrow_mut().endpoint.set_server_config(quic);
-                }
-            }
-            () = engine.readable(sock) => {}
-            () = wake.notified() => {}
-            () = sleep => {}
-        }
-        let now = Instant::now();
-        let work = {
-            let mut d = driver.borrow_mut();
-            receive(&engine, sock, &mut d, now);
-            d.timeouts(now);
-            d.drive_dirty(now, &driver)
-        };
-        if work.more {
-            // The budget ran out: the rest waits for the next pass, after the worker's other
-            // tasks (the datagram engine among them) have had their turn.
-            wake.notify_one();
-            tokio::task::yield_now().await;
-        }
-    }
-    // Shutdown: close every connection with H3_NO_ERROR and send the CONNECTION_CLOSE.
-    let mut d = driver.borrow_mut();
-    d.shutdown(Instant::now(), &driver);
+    Ok((id, max_gso, !q.may_fragment()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ctx::Phase;
+    use std::cell::RefCell;
     use std::net::SocketAddr;
     use std::sync::mpsc;
 
@@ -744,7 +699,7 @@ mod tests {
     /// A driver on a relay configuration with its certificate, a quinn-proto client endpoint
     /// that trusts it, and the queue of what the driver sent. No sockets, virtual time.
     struct Harness {
-        driver: Shared,
+        driver: QuicDriver,
         sent: Rc<RefCell<Vec<dgram::Transmit>>>,
         client: Endpoint,
         client_cfg: quinn_proto::ClientConfig,
@@ -789,14 +744,7 @@ mod tests {
             phase,
         };
         let sent = Rc::new(RefCell::new(Vec::new()));
-        let driver = Rc::new(RefCell::new(QuicDriver::new(
-            ctx,
-            Box::new(QueueOut(sent.clone())),
-            1,
-            true,
-            server,
-            1,
-        )));
+        let driver = QuicDriver::new(ctx, Box::new(QueueOut(sent.clone())), 1, true, server, 1);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ck.cert.der().clone()).unwrap();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -822,10 +770,9 @@ mod tests {
 
     impl Harness {
         /// One pass of the driver, as the worker runs it: timers, then the dirty connections.
-        fn pass(&self, now: Instant) -> PassWork {
-            let mut d = self.driver.borrow_mut();
-            d.timeouts(now);
-            d.drive_dirty(now, &self.driver)
+        fn pass(&mut self, now: Instant) -> PassWork {
+            self.driver.timeouts(now);
+            self.driver.drive_dirty(now)
         }
 
         /// The driver's packets so far, cut into datagrams.
@@ -843,7 +790,7 @@ mod tests {
     fn connect(h: &mut Harness, now: &mut Instant) -> quinn_proto::Connection {
         let server: SocketAddr = SERVER.parse().unwrap();
         let client: SocketAddr = CLIENT.parse().unwrap();
-        let before = h.driver.borrow().conns.len();
+        let before = h.driver.conns.len();
         let (cch, mut conn) = h
             .client
             .connect(*now, h.client_cfg.clone(), server, "localhost")
@@ -852,7 +799,6 @@ mod tests {
             let mut buf = Vec::new();
             while let Some(t) = conn.poll_transmit(*now, 1, &mut buf) {
                 h.driver
-                    .borrow_mut()
                     .handle_packet(*now, client, None, 0, &buf[..t.size]);
                 buf.clear();
             }
@@ -872,13 +818,12 @@ mod tests {
                 }
             }
             while conn.poll().is_some() {}
-            if !conn.is_handshaking() && h.driver.borrow().conns.len() == before + 1 {
+            if !conn.is_handshaking() && h.driver.conns.len() == before + 1 {
                 let settled = h
                     .driver
-                    .borrow()
                     .conns
                     .values()
-                    .all(|c| !c.conn.is_handshaking());
+                    .all(|c| !c.session.conn.is_handshaking());
                 if settled {
                     return conn;
                 }
@@ -926,9 +871,7 @@ mod tests {
         let mut buf = Vec::new();
         while let Some(t) = conn.poll_transmit(now, 1, &mut buf) {
             let client: SocketAddr = CLIENT.parse().unwrap();
-            h.driver
-                .borrow_mut()
-                .handle_packet(now, client, None, 0, &buf[..t.size]);
+            h.driver.handle_packet(now, client, None, 0, &buf[..t.size]);
             buf.clear();
         }
         h.pass(now);
@@ -967,7 +910,7 @@ mod tests {
             let _silent = connect(&mut h, &mut now);
             // From here on the client answers nothing (its socket is gone). The relay drains:
             // GOAWAY, then, with no flow left, CONNECTION_CLOSE; the peer never acknowledges.
-            h.driver.borrow_mut().begin_drain();
+            h.driver.begin_drain();
             let budget = PassWork {
                 conns: CONNS_PER_PASS,
                 rounds: CONNS_PER_PASS * ROUNDS_PER_CONN,
@@ -977,7 +920,7 @@ mod tests {
             let mut passes = 0;
             // Virtual time in 10 ms steps, for at most a minute: the connection must be gone
             // by its close timeout (3 PTO), well before its 30 s idle timeout.
-            while !h.driver.borrow().conns.is_empty() {
+            while !h.driver.conns.is_empty() {
                 let w = h.pass(now);
                 assert!(
                     w.conns <= budget.conns && w.rounds <= budget.rounds,
@@ -989,8 +932,7 @@ mod tests {
                 now += Duration::from_millis(10);
                 assert!(passes < 6000, "the closed connection never went away");
             }
-            let stats = &h.driver.borrow().ctx.stats;
-            assert_eq!(stats.connections_accepted[0].get(), 1);
+            let stats = &h.driver.ctx.stats;
             assert_eq!(stats.connections_closed[0].get(), 1, "counted as closed");
         });
     }
@@ -1002,10 +944,10 @@ mod tests {
             let mut now = Instant::now();
             let _a = connect(&mut h, &mut now);
             let _b = connect(&mut h, &mut now);
-            assert_eq!(h.driver.borrow().conns.len(), 2);
+            assert_eq!(h.driver.conns.len(), 2);
             // Both peers go silent; the idle timeout (30 s) closes them, pass by pass.
             let start = now;
-            while !h.driver.borrow().conns.is_empty() {
+            while !h.driver.conns.is_empty() {
                 let w = h.pass(now);
                 assert!(w.rounds <= CONNS_PER_PASS * ROUNDS_PER_CONN, "{w:?}");
                 h.take_sent();
@@ -1017,11 +959,9 @@ mod tests {
             }
             // A stop with connections still open ends them all in one bounded pass.
             let _c = connect(&mut h, &mut now);
-            let mut d = h.driver.borrow_mut();
-            d.shutdown(now, &h.driver);
-            assert!(d.conns.is_empty());
-            assert_eq!(d.ctx.stats.connections_closed[0].get(), 3);
-            drop(d);
+            h.driver.shutdown(now);
+            assert!(h.driver.conns.is_empty());
+            assert_eq!(h.driver.ctx.stats.connections_closed[0].get(), 3);
             let close = h.take_sent();
             assert!(!close.is_empty(), "a CONNECTION_CLOSE went out");
         });

@@ -1,82 +1,66 @@
-//! Opening the target side of a flow: resolve the host (before the response, RFC 9298 §3.1),
-//! apply the target policy to every resolved address, and connect a socket to the first one the
-//! policy allows. Every refusal comes back as a [`Rejection`] with its `Proxy-Status` error, and
-//! no socket exists for a refused request.
+//! The target side of a request before its flow opens: resolve the host (before the response,
+//! RFC 9298 §3.1) and apply the target policy to every resolved address; the first address the
+//! policy allows is the flow's target. Every refusal is a [`Rejection`] with its `Proxy-Status`
+//! error, and nothing is opened for a refused request. The egress socket comes after (the
+//! worker's flow table).
 
-use std::io;
 use std::net::SocketAddr;
 
 use tracing::debug;
 
-use crate::ctx::WorkerCtx;
+use crate::ctx::Shared;
 pub use crate::io::resolve::{Resolution, Resolve, SystemResolver};
-use crate::io::udp::FlowSocket;
-use crate::proto::connect_udp::HttpVersion;
 use crate::proto::connect_udp::Rejection;
 use crate::proto::sf::ProxyError;
 use crate::proto::target::{Target, TargetHost};
 
-/// Resolves, checks and connects.
-pub(crate) async fn open(
-    ctx: &WorkerCtx,
-    target: &Target,
-    version: HttpVersion,
-) -> Result<FlowSocket, Rejection> {
-    let shared = ctx.shared();
-    let addrs: Vec<SocketAddr> = match &target.host {
-        TargetHost::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
-        TargetHost::Name(name) => {
-            let lookup = shared.resolver.resolve(name, target.port);
-            match tokio::time::timeout(shared.config.resolve_timeout, lookup).await {
-                Err(_) => {
-                    ctx.stats.resolve_failures.inc();
-                    return Err(Rejection::new(
-                        504,
-                        Some(ProxyError::DnsTimeout),
-                        "resolution timed out",
-                    ));
-                }
-                Ok(Err(e)) => {
-                    ctx.stats.resolve_failures.inc();
-                    debug!(host = %name, error = %e, "resolution failed");
-                    return Err(Rejection::new(
-                        502,
-                        Some(ProxyError::DnsError),
-                        "resolution failed",
-                    ));
-                }
-                Ok(Ok(addrs)) => addrs,
-            }
+/// Resolves a host name (within `resolve_timeout_ms`). IP literals need no resolution: see
+/// [`Target::socket_addr`].
+pub async fn resolve(shared: &Shared, name: &str, port: u16) -> Result<Vec<SocketAddr>, Rejection> {
+    let lookup = shared.resolver.resolve(name, port);
+    match tokio::time::timeout(shared.config.resolve_timeout, lookup).await {
+        Err(_) => Err(Rejection::new(
+            504,
+            Some(ProxyError::DnsTimeout),
+            "resolution timed out",
+        )),
+        Ok(Err(e)) => {
+            debug!(host = %name, error = %e, "resolution failed");
+            Err(Rejection::new(
+                502,
+                Some(ProxyError::DnsError),
+                "resolution failed",
+            ))
         }
-    };
-    if addrs.is_empty() {
-        ctx.stats.resolve_failures.inc();
-        return Err(Rejection::new(
+        Ok(Ok(addrs)) if addrs.is_empty() => Err(Rejection::new(
             502,
             Some(ProxyError::DnsError),
             "no address",
-        ));
+        )),
+        Ok(Ok(addrs)) => Ok(addrs),
     }
-    // The policy applies to resolved addresses, not names (a name can point at 127.0.0.1).
-    // Addresses the policy refuses are skipped; if none is left the request is refused.
+}
+
+/// The target's name when it must be resolved first, else its address.
+pub fn literal(target: &Target) -> Result<SocketAddr, &str> {
+    match &target.host {
+        TargetHost::Ip(ip) => Ok(SocketAddr::new(*ip, target.port)),
+        TargetHost::Name(name) => Err(name),
+    }
+}
+
+/// The first address the policy allows. The policy applies to resolved addresses, not names
+/// (a name can point at 127.0.0.1).
+pub fn choose(shared: &Shared, addrs: &[SocketAddr]) -> Result<SocketAddr, Rejection> {
     let mut denied = None;
-    let mut last_err = None;
-    for addr in addrs {
-        if let Err(reason) = shared.policy.check(addr) {
-            debug!(%addr, reason = reason.as_str(), "target refused by policy");
-            denied.get_or_insert(reason);
-            continue;
-        }
-        match FlowSocket::connect(addr, version) {
-            Ok(sock) => return Ok(sock),
-            Err(e) => {
-                debug!(%addr, error = %e, "cannot open target socket");
-                last_err = Some(e);
+    for &addr in addrs {
+        match shared.policy.check(addr) {
+            Ok(()) => return Ok(addr),
+            Err(reason) => {
+                debug!(%addr, reason = reason.as_str(), "target refused by policy");
+                denied.get_or_insert(reason);
             }
         }
-    }
-    if let Some(e) = last_err {
-        return Err(socket_error(&e));
     }
     let reason = denied.map_or("denied", |r| r.as_str());
     Err(Rejection::new(
@@ -86,7 +70,8 @@ pub(crate) async fn open(
     ))
 }
 
-fn socket_error(e: &io::Error) -> Rejection {
+/// The refusal for an egress socket that could not be opened.
+pub fn socket_error(e: &std::io::Error) -> Rejection {
     match e.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
             Rejection::new(503, Some(ProxyError::ProxyInternalError), "out of sockets")

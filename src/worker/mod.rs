@@ -17,6 +17,8 @@ use crate::metrics::{ConnectionClose, HandshakeFailure};
 use crate::proto::connect_udp::HttpVersion;
 use crate::transport::{h2, http1, tls};
 
+pub(crate) mod core;
+
 /// Runs a worker on the current thread until shutdown: accepts TCP connections and serves them.
 pub fn run(
     ctx: WorkerCtx,
@@ -47,11 +49,12 @@ pub fn run(
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         // The datagram engine serves every UDP socket of this worker.
-        let engine = match Engine::install(backend, sizes, ctx.stats.clone()) {
+        let stats = ctx.stats.io.clone();
+        let engine = match Engine::new(backend, sizes, stats.clone()) {
             Ok(e) => e,
             Err(e) if backend == Backend::Uring => {
                 warn!(worker = ctx.id, error = %e, "io_uring engine failed; using the fallback");
-                match Engine::install(Backend::Mmsg, sizes, ctx.stats.clone()) {
+                match Engine::new(Backend::Mmsg, sizes, stats) {
                     Ok(e) => e,
                     Err(e) => {
                         warn!(worker = ctx.id, error = %e, "cannot start the datagram engine");
@@ -64,43 +67,35 @@ pub fn run(
                 return;
             }
         };
-        let pump = tokio::task::spawn_local(engine.clone().run());
-        let quic = quic.map(|(server, socket)| {
-            let workers = ctx.shared().config.workers;
-            tokio::task::spawn_local(crate::transport::quic::run(
-                ctx.clone(),
-                socket,
-                server,
-                workers,
-            ))
-        });
+        ctx.stats.set_io_backend(engine.backend().as_str());
+        let engine = std::rc::Rc::new(engine);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let quic = quic.map(|(server, socket)| (socket, server));
+        let pass = core::Core::new(ctx.clone(), engine, quic, tx.clone());
+        let pass = tokio::task::spawn_local(pass.run(rx));
         let mut phase = ctx.phase.clone();
-        let stats = ctx.stats.clone();
         // Returns when the relay drains; the listener closes with it, so the kernel sends new
         // connections to any other process on the same port.
-        accept_loop(ctx, listener).await;
-        // Established connections and flows go on (they are tasks of this LocalSet) until stop.
+        accept_loop(ctx, listener, tx).await;
+        // Established connections and flows go on until stop; then the pass ends every flow
+        // and closes the QUIC connections (CONNECTION_CLOSE) before the runtime goes away.
         reached(&mut phase, Phase::Stop).await;
-        // The QUIC side closes its connections (CONNECTION_CLOSE) before the runtime goes away.
-        if let Some(q) = quic {
-            let _ = q.await;
-        }
-        // Flows end their streams at stop; give them a moment to write that out.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(250);
-        while stats.flows_open() > 0 && tokio::time::Instant::now() < deadline {
+        let _ = pass.await;
+        // The HTTP/2 and HTTP/1.1 connections write the ends of their streams.
+        for _ in 0..10 {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        // Last sends (CONNECTION_CLOSE frames) go out with a final pass.
-        engine.pass();
-        pump.abort();
     });
-    // Tasks still holding sockets are dropped with the LocalSet; the engine goes with its last
-    // user, after the kernel has finished with its buffers.
+    // Connection tasks still open are dropped with the LocalSet; the engine went with the pass,
+    // after the kernel had finished with its buffers.
     drop(local);
-    Engine::uninstall();
 }
 
-async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
+async fn accept_loop(
+    ctx: WorkerCtx,
+    listener: TcpListener,
+    tx: tokio::sync::mpsc::UnboundedSender<core::CoreMsg>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -112,6 +107,8 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
     // Per-worker counts of TLS handshakes in progress and of open connections: beyond the
     // limits a new connection is closed at once instead of taking memory and file descriptors.
     let handshaking = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    // Numbers the connections for the worker's pass.
+    let mut next_conn: u32 = 0;
     let open = std::rc::Rc::new(std::cell::Cell::new(0usize));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -138,6 +135,9 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         let (handshaking, open) = (handshaking.clone(), open.clone());
+        next_conn = next_conn.wrapping_add(1);
+        let conn = next_conn;
+        let tx = tx.clone();
         tokio::task::spawn_local(async move {
             let _open = CountGuard::new(&open);
             let in_handshake = CountGuard::new(&handshaking);
@@ -176,7 +176,6 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| tls::cert_identity(c));
-            let limits = crate::transport::admit::ConnLimits::new(&shared, tls_identity);
             let version = if is_h2 {
                 HttpVersion::Http2
             } else {
@@ -186,13 +185,13 @@ async fn accept_loop(ctx: WorkerCtx, listener: TcpListener) {
             ctx.stats.connection_accepted(version);
             debug!(%peer, protocol = version.as_str(), "connection accepted");
             let (result, why) = if is_h2 {
-                match h2::serve(ctx.clone(), tls, limits).await {
+                match h2::serve(ctx.clone(), tls, tx, conn, tls_identity).await {
                     Ok(()) => (Ok(()), ConnectionClose::Normal),
                     Err(e) if e.is_io() => (Err(e.to_string()), ConnectionClose::IoError),
                     Err(e) => (Err(e.to_string()), ConnectionClose::ProtocolError),
                 }
             } else {
-                match http1::serve(ctx.clone(), tls, limits).await {
+                match http1::serve(ctx.clone(), tls, tx, conn, tls_identity).await {
                     Ok(()) => (Ok(()), ConnectionClose::Normal),
                     Err(e) => (Err(e.to_string()), ConnectionClose::IoError),
                 }

@@ -298,6 +298,8 @@ pub async fn recv_datagrams(
 /// A UDP target on loopback that echoes every datagram and counts them; stops when dropped.
 pub struct EchoTarget {
     pub addr: SocketAddr,
+    /// The target's socket, for datagrams it sends of its own accord.
+    pub sock: UdpSocket,
     pub received: Arc<AtomicU64>,
     /// Source address of the last datagram (the relay's flow socket).
     pub last_peer: Arc<std::sync::Mutex<Option<SocketAddr>>>,
@@ -311,6 +313,7 @@ impl EchoTarget {
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let addr = sock.local_addr().unwrap();
+        let own = sock.try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
         let last_peer = Arc::new(std::sync::Mutex::new(None));
@@ -327,11 +330,19 @@ impl EchoTarget {
         });
         EchoTarget {
             addr,
+            sock: own,
             received,
             last_peer,
             stop,
             thread: Some(thread),
         }
+    }
+}
+
+impl EchoTarget {
+    /// Sends `data` to `to` from the target's own address.
+    pub fn send_from(&self, data: &[u8], to: SocketAddr) {
+        self.sock.send_to(data, to).unwrap();
     }
 }
 

@@ -90,6 +90,30 @@ pub fn parse(control: &[u8]) -> RecvInfo {
     info
 }
 
+/// The error an ICMP (or local) error report carries, from the control messages of a
+/// `MSG_ERRQUEUE` read: `sock_extended_err.ee_errno` of `IP_RECVERR` / `IPV6_RECVERR`.
+pub fn extended_errno(control: &[u8]) -> Option<i32> {
+    let mut off = 0;
+    while off + HDR <= control.len() {
+        let len = usize::from_ne_bytes(control[off..off + ALIGN].try_into().ok()?);
+        let level = i32::from_ne_bytes(control[off + ALIGN..off + ALIGN + 4].try_into().ok()?);
+        let ty = i32::from_ne_bytes(control[off + ALIGN + 4..off + HDR].try_into().ok()?);
+        if len < HDR || off + len > control.len() {
+            return None;
+        }
+        let data = &control[off + HDR..off + len];
+        if matches!(
+            (level, ty),
+            (libc::IPPROTO_IP, libc::IP_RECVERR) | (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        ) && data.len() >= 4
+        {
+            return Some(u32::from_ne_bytes(data[..4].try_into().ok()?) as i32);
+        }
+        off += align(len);
+    }
+    None
+}
+
 /// Writes control messages into `buf`; returns the length used.
 #[derive(Debug)]
 pub struct Encoder<'a> {
@@ -209,7 +233,22 @@ mod tests {
         let mut pk = [0u8; 12];
         pk[8..12].copy_from_slice(&[127, 0, 0, 2]);
         push(libc::IPPROTO_IP, libc::IP_PKTINFO, &pk);
+        push(libc::SOL_SOCKET, libc::SO_RXQ_OVFL, &7u32.to_ne_bytes());
         let info = parse(&rx);
+        assert_eq!(info.kernel_drops, Some(7));
+        // sock_extended_err: ee_errno first, then origin, type, code, pad, info, data.
+        let mut ee = Vec::new();
+        ee.extend_from_slice(&(libc::ECONNREFUSED as u32).to_ne_bytes());
+        ee.extend_from_slice(&[2, 3, 3, 0]);
+        ee.extend_from_slice(&[0u8; 8]);
+        let mut err = Vec::new();
+        let len = HDR + ee.len();
+        err.extend_from_slice(&len.to_ne_bytes());
+        err.extend_from_slice(&libc::IPPROTO_IP.to_ne_bytes());
+        err.extend_from_slice(&libc::IP_RECVERR.to_ne_bytes());
+        err.extend_from_slice(&ee);
+        assert_eq!(extended_errno(&err), Some(libc::ECONNREFUSED));
+        assert_eq!(extended_errno(&rx), None);
         assert_eq!(info.stride, 1350);
         assert_eq!(info.ecn, 2);
         assert_eq!(info.dst_ip, Some("127.0.0.2".parse().unwrap()));

@@ -11,14 +11,12 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use tracing::debug;
-
 use super::cmsg::{self, CmsgBuf};
 use super::pool::{BufRef, Group, Pool};
 use super::{
-    message_len, message_lens, words_as_bytes, Entry, MsgStore, Payload, Role, SendReq, Table,
+    message_len, message_lens, words_as_bytes, Entry, IoDrop, MsgStore, Payload, Role, SendReq,
+    Table,
 };
-use crate::relay::flow::DropReason;
 
 /// Datagrams per recvmmsg and messages per sendmmsg.
 const BATCH: usize = 32;
@@ -113,6 +111,12 @@ impl Poller {
         self.epfd.as_raw_fd()
     }
 
+    /// Sockets left unread by the pass budget wait (not those waiting for buffers: a buffer
+    /// given back clears `starved`).
+    pub fn pending(&self) -> bool {
+        !self.ready.is_empty() && !self.starved
+    }
+
     pub fn free(&self) -> [u16; 2] {
         [self.free[0].len() as u16, self.free[1].len() as u16]
     }
@@ -175,6 +179,11 @@ impl Poller {
         for i in 0..n.max(0) as usize {
             let k = self.events[i].u64;
             let (idx, gen) = (k as u32, (k >> 32) as u32);
+            if self.events[i].events & libc::EPOLLERR as u32 != 0 {
+                // The error queue holds ICMP errors (its pending error may already have been
+                // taken by a send): read them all now.
+                table.fail(idx, gen, 0);
+            }
             if let Some(s) = table.get(idx, gen) {
                 if !s.ready {
                     s.ready = true;
@@ -234,7 +243,7 @@ impl Poller {
     ) -> (usize, Left) {
         let g = role.group();
         let pool = &pools[g.index()];
-        let quic = role == Role::Quic;
+
         let mut read = 0;
         while read < PER_SOCKET {
             let k = BATCH.min(self.free[g.index()].len()).min(PER_SOCKET - read);
@@ -252,10 +261,8 @@ impl Poller {
                 *h = super::empty_msghdr();
                 h.msg_iov = &mut self.rx_iov[j];
                 h.msg_iovlen = 1;
-                if quic {
-                    h.msg_name = self.rx_names[j].as_mut_ptr().cast();
-                    h.msg_namelen = cmsg::NAME_LEN as libc::socklen_t;
-                }
+                h.msg_name = self.rx_names[j].as_mut_ptr().cast();
+                h.msg_namelen = cmsg::NAME_LEN as libc::socklen_t;
                 h.msg_control = self.rx_ctrl[j].as_mut_ptr().cast();
                 h.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
                 self.rx_hdrs[j].msg_len = 0;
@@ -280,10 +287,7 @@ impl Poller {
                     libc::EINTR => continue,
                     libc::EAGAIN => return (read, Left::Drained),
                     e => {
-                        match role {
-                            Role::Target(_) => table.fail(idx, gen, e),
-                            Role::Quic => debug!(errno = e, "QUIC socket receive error"),
-                        }
+                        table.fail(idx, gen, e);
                         return (read, Left::Drained);
                     }
                 }
@@ -294,18 +298,14 @@ impl Poller {
                 let h = &self.rx_hdrs[j];
                 let b = BufRef { group: g, bid };
                 if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                    table.stats.dropped(DropReason::Truncated);
+                    table.stats.drop_n(IoDrop::Truncated, 1);
                     self.free[g.index()].push(bid);
                     continue;
                 }
                 let clen = control_len(&h.msg_hdr).min(std::mem::size_of::<CmsgBuf>());
                 let info = cmsg::parse(&words_as_bytes(&mut self.rx_ctrl[j])[..clen]);
-                let addr = if quic {
-                    let nlen = (h.msg_hdr.msg_namelen as usize).min(cmsg::NAME_LEN);
-                    cmsg::sockaddr(&words_as_bytes(&mut self.rx_names[j])[..nlen])
-                } else {
-                    None
-                };
+                let nlen = (h.msg_hdr.msg_namelen as usize).min(cmsg::NAME_LEN);
+                let addr = cmsg::sockaddr(&words_as_bytes(&mut self.rx_names[j])[..nlen]);
                 let e = Entry {
                     buf: b,
                     off: 0,
@@ -366,6 +366,7 @@ impl Poller {
                     };
                 }
                 let mut done = 0;
+                let mut retried = usize::MAX;
                 while done < m {
                     // SAFETY: headers done..m point at tx_store entries and at payloads in `q`,
                     // none of which move or drop during the call.
@@ -380,6 +381,14 @@ impl Poller {
                     if r < 0 {
                         let e = errno();
                         if e == libc::EINTR {
+                            continue;
+                        }
+                        if super::pending_icmp(e) && retried != done {
+                            // An ICMP error about another destination of this shared socket
+                            // surfaced on this send: read it (it ends that flow) and send this
+                            // message again.
+                            retried = done;
+                            table.fail(id.idx, id.gen, e);
                             continue;
                         }
                         // The message at `done` failed; a full buffer fails the rest too.
@@ -400,6 +409,7 @@ impl Poller {
                         table.sent(
                             id.idx,
                             id.gen,
+                            q[first].tag,
                             q[first..first + n]
                                 .iter()
                                 .map(|r| r.payload.as_slice().len()),

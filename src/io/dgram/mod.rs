@@ -1,19 +1,30 @@
-//! The datagram engine: every UDP socket of a worker (its QUIC socket and every flow's target
-//! socket) served by one per-worker engine, on io_uring or on recvmmsg/sendmmsg + epoll.
+//! The datagram engine: every UDP socket of a worker (its QUIC socket and its egress sockets,
+//! which carry every flow's traffic to and from targets) served by one per-worker engine, on
+//! io_uring or on recvmmsg/sendmmsg + epoll.
 //!
 //! ```text
-//! kernel --(multishot recvmsg into a provided buffer | recvmmsg into pool buffers)--> pass()
+//! kernel --(multishot recvmsg into a provided buffer | recvmmsg into pool buffers)--> complete()
 //!   --> socket table (slab index = SockId, O(1), no hashing, no locks) --> the socket's backlog
-//!   --> wakes its consumer: the QUIC driver or the flow's task --> try_recv() -> Received
-//! consumer --send()/send_to() (queued)--> pass() --> one SendMsg SQE per message, submitted
-//!   together (io_uring) | one sendmmsg per run of messages on one socket (fallback)
+//!   --> the ready list --> the worker's pass: take_ready() -> try_recv() -> Received
+//! ICMP error on an egress socket --> its error queue read at once --> take_errors()
+//! the pass --send()/send_transmit() (queued)--> flush() --> one SendMsg SQE per message,
+//!   submitted together (io_uring) | one sendmmsg per run of messages on one socket (fallback)
 //! ```
 //!
-//! **One pass** = buffers given back, completions (or readiness) drained into backlogs up to a
-//! budget, queued sends turned into submissions, one `io_uring_enter` (or the mmsg syscalls).
-//! Work beyond the budget waits for the next pass, after the worker's other tasks have run, so a
-//! busy socket cannot starve the rest. Nothing waits to build a batch (RFC 9298 §6): a pass
+//! The engine has one user, the worker's pass ([`crate::worker`]): it waits on [`Engine::wait`],
+//! calls [`Engine::complete`] (buffers back, completions or readiness drained into backlogs up
+//! to a budget), reads what [`Engine::take_ready`] names, queues sends, and ends with
+//! [`Engine::flush`] (one `io_uring_enter`, or the mmsg syscalls). Work beyond the budget waits
+//! for the next pass ([`Engine::pending`] says so), after the worker's other tasks have run, so
+//! a busy socket cannot starve the rest. Nothing waits to build a batch (RFC 9298 §6): a pass
 //! sends what the worker queued since the last one.
+//!
+//! **Egress sockets** are unconnected and shared by many flows: a datagram comes with its
+//! source address, and the worker demultiplexes by (socket, source) and drops every other
+//! source. They receive with UDP GRO (a train of datagrams from one source in one buffer, read
+//! by [`Received::datagrams`]) and report ICMP errors through their error queue (`IP_RECVERR`),
+//! which the engine reads as soon as the socket signals one: each error names the destination
+//! it was about, so it ends that flow only.
 //!
 //! **Where bytes are copied.** A received datagram is written once by the kernel into a pool
 //! buffer and read from there:
@@ -43,28 +54,22 @@ mod mmsg;
 pub mod pool;
 mod uring;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use self::cmsg::RecvInfo;
 use self::pool::{BufRef, Group, Pool};
-use crate::metrics::{Direction, WorkerStats};
-use crate::proto::connect_udp::HttpVersion;
-use crate::relay::flow::DropReason;
+use crate::counter::{Counter, Gauge};
 
 /// Datagrams (or GSO segments) in one send message at most.
 pub const MAX_SEGMENTS: usize = 64;
@@ -166,7 +171,8 @@ pub fn gso_supported() -> bool {
 /// Pool sizes (from `[io]`).
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
-    /// Payload bytes per target buffer: longer datagrams are truncated, dropped and counted.
+    /// Payload bytes per target buffer: longer datagrams (or GRO trains) are truncated,
+    /// dropped and counted. At 65,536 (the default) egress sockets receive with GRO.
     pub target_buffer_size: usize,
     pub target_buffers: u16,
     pub quic_buffers: u16,
@@ -175,18 +181,88 @@ pub struct Sizes {
 impl Default for Sizes {
     fn default() -> Self {
         Sizes {
-            target_buffer_size: 4096,
-            target_buffers: 2048,
+            target_buffer_size: 65_536,
+            target_buffers: 1024,
             quic_buffers: 64,
         }
     }
 }
 
-/// A socket registered with the engine: a slab index and the generation that owns it.
+/// Why the engine dropped a datagram. The worker exports these with its own drop reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDrop {
+    /// A socket's backlog held its share of the receive pool (the consumer is behind).
+    BacklogFull,
+    /// The kernel dropped it: the socket's receive buffer was full (`SO_RXQ_OVFL`).
+    KernelDropped,
+    /// Longer than a receive buffer: cut short by the kernel, so not relayed.
+    Truncated,
+    /// The send found the socket's buffer (or the engine's send queue) full.
+    SendBufferFull,
+    /// Refused as too large for the path (EMSGSIZE, or an ICMP "fragmentation needed").
+    TooLarge,
+}
+
+impl IoDrop {
+    pub const ALL: [IoDrop; 5] = [
+        IoDrop::BacklogFull,
+        IoDrop::KernelDropped,
+        IoDrop::Truncated,
+        IoDrop::SendBufferFull,
+        IoDrop::TooLarge,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Send tags: what the caller says a datagram to a target belongs to (an HTTP version, say),
+/// so the datagrams the kernel took are counted per tag.
+pub const TAGS: usize = 4;
+
+/// What the engine counts. Written by the worker's thread only.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Passes: `complete` calls.
+    pub passes: Counter,
+    /// Completions (io_uring) or datagrams read (fallback) handled.
+    pub completions: Counter,
+    /// Send messages handed to the kernel (a GSO message may carry many datagrams).
+    pub submissions: Counter,
+    /// Free receive buffers per pool (`Group` order).
+    pub pool_free: [Gauge; 2],
+    /// Times receiving paused because a pool had no free buffer, per pool.
+    pub receive_paused: [Counter; 2],
+    pub drops: [Counter; IoDrop::ALL.len()],
+    /// Datagrams and payload bytes to targets the kernel took, per send tag.
+    pub sent: [[Counter; 2]; TAGS],
+    /// QUIC packets the socket did not take (lost, as on the network; QUIC recovers).
+    pub quic_send_errors: Counter,
+}
+
+impl EngineStats {
+    pub fn drops_for(&self, d: IoDrop) -> u64 {
+        self.drops[d.index()].get()
+    }
+
+    fn drop_n(&self, d: IoDrop, n: u64) {
+        self.drops[d.index()].add(n);
+    }
+}
+
+/// A socket registered with the engine: a slab index and the generation that owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SockId {
     idx: u32,
     gen: u32,
+}
+
+impl SockId {
+    /// The slab index (unique among the sockets registered now).
+    pub fn index(self) -> u32 {
+        self.idx
+    }
 }
 
 /// What a socket is for.
@@ -194,17 +270,27 @@ pub struct SockId {
 pub enum Role {
     /// The worker's QUIC socket (unconnected; GRO trains; addresses and ECN matter).
     Quic,
-    /// A flow's connected target socket, relaying for a client on this HTTP version.
-    Target(HttpVersion),
+    /// An egress socket: unconnected, shared by the flows to different targets, GRO trains,
+    /// source addresses, ICMP errors through the error queue.
+    Egress,
 }
 
 impl Role {
     fn group(self) -> Group {
         match self {
             Role::Quic => Group::Quic,
-            Role::Target(_) => Group::Target,
+            Role::Egress => Group::Target,
         }
     }
+}
+
+/// An ICMP (or local) error an egress socket reported about one destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockError {
+    pub sock: SockId,
+    /// The destination the failed datagram was sent to.
+    pub dest: SocketAddr,
+    pub errno: i32,
 }
 
 /// A received datagram in a socket's backlog.
@@ -223,12 +309,11 @@ struct Slot {
     role: Role,
     ipv6: bool,
     backlog: VecDeque<Entry>,
-    /// A socket error (an ICMP error on a target socket): sticky, reported after the backlog.
-    err: Option<i32>,
+    /// On the ready list.
+    listed: bool,
     /// The kernel's count of datagrams it dropped on this socket, as last reported
     /// (`SO_RXQ_OVFL`); the difference to the next report is counted as dropped.
     kernel_drops: u32,
-    waker: Option<Waker>,
     /// Closed by its owner; kept until the kernel is done with it.
     closing: bool,
     /// io_uring: a multishot receive is in flight.
@@ -237,12 +322,18 @@ struct Slot {
     ready: bool,
 }
 
-/// The per-worker socket table (the flow table by target socket).
+/// The per-worker socket table.
 struct Table {
     slots: Slab<Slot>,
     next_gen: u32,
-    stats: Arc<WorkerStats>,
+    stats: Arc<EngineStats>,
     backlog_cap: [usize; 2],
+    /// Sockets with datagrams in their backlog, each once, for the worker's pass.
+    ready: Vec<SockId>,
+    /// Errors egress sockets reported, for the worker's pass.
+    errors: Vec<SockError>,
+    /// Scratch for error-queue reads.
+    errq: Vec<(SocketAddr, i32)>,
 }
 
 impl Table {
@@ -261,51 +352,65 @@ impl Table {
     /// together can never take the last buffers from the others.
     fn deliver(&mut self, idx: u32, gen: u32, e: Entry, free: u16) -> Option<BufRef> {
         let cap = self.backlog_cap[e.buf.group.index()].max(usize::from(free) / 2);
+        let stats = self.stats.clone();
         let Some(s) = self.get(idx, gen) else {
             return Some(e.buf);
         };
         if let Some(n) = e.info.kernel_drops {
             let lost = n.wrapping_sub(s.kernel_drops);
             s.kernel_drops = n;
-            if lost > 0 {
-                self.stats
-                    .dropped_n(DropReason::SocketBufferFull, u64::from(lost));
-            }
+            stats.drop_n(IoDrop::KernelDropped, u64::from(lost));
         }
-        let Some(s) = self.get(idx, gen) else {
-            return Some(e.buf);
-        };
         if s.backlog.len() >= cap {
             // The consumer has not caught up with its share of the pool: drop, do not stall.
-            self.stats.dropped(DropReason::NoBuffer);
+            stats.drop_n(IoDrop::BacklogFull, 1);
             return Some(e.buf);
         }
         s.backlog.push_back(e);
-        if let Some(w) = s.waker.take() {
-            w.wake();
+        if !s.listed {
+            s.listed = true;
+            self.ready.push(SockId { idx, gen });
         }
         None
     }
 
+    /// A receive on the socket failed with `errno`: for an egress socket that is an ICMP error
+    /// waiting in its error queue (read now, each naming its destination); for the QUIC
+    /// socket, lost like a packet.
     fn fail(&mut self, idx: u32, gen: u32, errno: i32) {
-        if let Some(s) = self.get(idx, gen) {
-            s.err.get_or_insert(errno);
-            if let Some(w) = s.waker.take() {
-                w.wake();
+        let Some(s) = self.get(idx, gen) else {
+            return;
+        };
+        match s.role {
+            Role::Egress => {
+                let fd = s.sock.as_raw_fd();
+                let mut errq = std::mem::take(&mut self.errq);
+                read_errqueue(fd, &mut errq);
+                for (dest, errno) in errq.drain(..) {
+                    self.errors.push(SockError {
+                        sock: SockId { idx, gen },
+                        dest,
+                        errno,
+                    });
+                }
+                self.errq = errq;
             }
+            Role::Quic => debug!(errno, "QUIC socket receive error"),
         }
     }
 
-    /// Accounts a completed send (target datagrams; QUIC packets are not relayed datagrams).
-    fn sent(&mut self, idx: u32, gen: u32, lens: impl Iterator<Item = usize>) {
+    /// Accounts a completed send to a target (QUIC packets are not relayed datagrams).
+    fn sent(&mut self, idx: u32, gen: u32, tag: u8, lens: impl Iterator<Item = usize>) {
         let role = self
             .slots
             .get(idx as usize)
             .filter(|s| s.gen == gen)
             .map(|s| s.role);
-        if let Some(Role::Target(v)) = role {
+        if role == Some(Role::Egress) {
+            let t = usize::from(tag).min(TAGS - 1);
             for len in lens {
-                self.stats.datagram(v, Direction::ToTarget, len);
+                self.stats.sent[t][0].inc();
+                self.stats.sent[t][1].add(len as u64);
             }
         }
     }
@@ -323,20 +428,67 @@ impl Table {
                 self.stats.quic_send_errors.add(n as u64);
                 debug!(errno, "QUIC send failed");
             }
-            Some(Role::Target(_)) => match errno {
-                libc::EAGAIN | libc::ENOBUFS => {
-                    for _ in 0..n {
-                        self.stats.dropped(DropReason::TargetBusy);
-                    }
+            Some(Role::Egress) => match errno {
+                libc::EAGAIN | libc::ENOBUFS => self.stats.drop_n(IoDrop::SendBufferFull, n as u64),
+                libc::EMSGSIZE => self.stats.drop_n(IoDrop::TooLarge, n as u64),
+                // A pending ICMP error surfaced on the send (already retried once): read the
+                // error queue.
+                _ => {
+                    self.stats.drop_n(IoDrop::SendBufferFull, n as u64);
+                    self.fail(idx, gen, errno);
                 }
-                libc::EMSGSIZE => {
-                    for _ in 0..n {
-                        self.stats.dropped(DropReason::TooLarge);
-                    }
-                }
-                // An ICMP error from an earlier datagram: the flow is unusable.
-                _ => self.fail(idx, gen, errno),
             },
+        }
+    }
+}
+
+/// An errno a send or receive on an egress socket returns when an earlier ICMP error (about
+/// any destination) is pending on it: the datagram at hand was not the cause.
+fn pending_icmp(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNREFUSED
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::EHOSTDOWN
+            | libc::ENETDOWN
+            | libc::EPROTO
+            | libc::EACCES
+            | libc::EPERM
+    )
+}
+
+/// Reads every error queued on `fd` (`MSG_ERRQUEUE`): the destination each was about and its
+/// errno.
+fn read_errqueue(fd: RawFd, out: &mut Vec<(SocketAddr, i32)>) {
+    for _ in 0..64 {
+        let mut name = [0u32; 8];
+        let mut control: cmsg::CmsgBuf = [0; 16];
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: byte.len(),
+        };
+        let mut hdr = empty_msghdr();
+        hdr.msg_name = name.as_mut_ptr().cast();
+        hdr.msg_namelen = cmsg::NAME_LEN as libc::socklen_t;
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = std::mem::size_of::<cmsg::CmsgBuf>() as _;
+        // SAFETY: every pointer in `hdr` refers to a live local buffer of the stated length;
+        // MSG_DONTWAIT never blocks.
+        let n = unsafe { libc::recvmsg(fd, &mut hdr, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return; // EAGAIN: the queue is empty
+        }
+        #[allow(clippy::useless_conversion)]
+        let clen = usize::try_from(hdr.msg_controllen).unwrap_or(0).min(128);
+        let nlen = (hdr.msg_namelen as usize).min(cmsg::NAME_LEN);
+        let errno = cmsg::extended_errno(&words_as_bytes(&mut control)[..clen]);
+        let dest = cmsg::sockaddr(&words_as_bytes(&mut name)[..nlen]);
+        if let (Some(dest), Some(errno)) = (dest, errno) {
+            out.push((dest, errno));
         }
     }
 }
@@ -363,14 +515,18 @@ impl Payload {
 struct SendReq {
     id: SockId,
     payload: Payload,
-    dest: Option<SocketAddr>,
+    dest: SocketAddr,
     /// GSO segment size of an `Owned` QUIC transmit; 0 for one datagram.
     segment: u16,
     ecn: u8,
     src_ip: Option<IpAddr>,
+    /// The caller's tag, for the sent counters.
+    tag: u8,
+    /// Its place in the queue, so sorting keeps each destination's order.
+    seq: u32,
 }
 
-/// A QUIC transmit for [`Engine::send_to`].
+/// A QUIC transmit for [`Engine::send_transmit`].
 #[derive(Debug)]
 pub struct Transmit {
     pub dest: SocketAddr,
@@ -383,7 +539,8 @@ pub struct Transmit {
 }
 
 /// How many queued requests, from the front of `q`, go into one message: GSO joins a run of
-/// equal-size datagrams to the same connected socket (the last may be shorter).
+/// equal-size datagrams to the same destination from the same socket (the last may be
+/// shorter).
 fn message_len(q: &[SendReq], gso: bool) -> usize {
     let first = &q[0];
     if !gso || !matches!(first.payload, Payload::Shared(_)) {
@@ -395,7 +552,11 @@ fn message_len(q: &[SendReq], gso: bool) -> usize {
     while n < q.len() && n < MAX_SEGMENTS {
         let r = &q[n];
         let len = r.payload.as_slice().len();
-        if r.id != first.id || !matches!(r.payload, Payload::Shared(_)) || len > size {
+        if r.id != first.id
+            || r.dest != first.dest
+            || !matches!(r.payload, Payload::Shared(_))
+            || len > size
+        {
             break;
         }
         if total + len > MAX_GSO_BYTES {
@@ -442,21 +603,19 @@ impl MsgStore {
             };
         }
         let first = &reqs[0];
-        let name_len = match first.dest {
-            Some(a) => encode_sockaddr(a, words_as_bytes(&mut self.name)),
-            None => 0,
-        };
+        let name_len = encode_sockaddr(first.dest, words_as_bytes(&mut self.name));
         let mut e = cmsg::Encoder::new(words_as_bytes(&mut self.cmsg));
         if reqs.len() > 1 {
             e.segment_size(first.payload.as_slice().len() as u16);
         } else if first.segment > 0 && first.segment as usize != first.payload.as_slice().len() {
             e.segment_size(first.segment);
         }
-        if first.dest.is_some() {
+        // Not-ECT (0) is the sockets' default: only QUIC transmits carry another codepoint.
+        if first.ecn != 0 {
             e.ecn(ipv6, first.ecn);
-            if let Some(ip) = first.src_ip {
-                e.src_ip(ip);
-            }
+        }
+        if let Some(ip) = first.src_ip {
+            e.src_ip(ip);
         }
         let cmsg_len = e.used();
         self.hdr = empty_msghdr();
@@ -479,7 +638,7 @@ fn message_lens(reqs: &[SendReq], lens: &mut Vec<u32>) {
     for r in reqs {
         let len = r.payload.as_slice().len();
         match r.segment {
-            s if s > 0 && r.dest.is_some() => {
+            s if s > 0 => {
                 let mut left = len;
                 while left > 0 {
                     let n = left.min(s as usize);
@@ -552,17 +711,16 @@ impl AsRawFd for WaitFd {
     }
 }
 
-/// One worker's datagram engine. Not `Send`: it lives and dies on its worker's thread.
+/// One worker's datagram engine. Not `Send`: it lives and dies on its worker's thread, owned
+/// by the worker's pass.
 pub struct Engine {
     backend: Backend,
     gso: bool,
-    stats: Arc<WorkerStats>,
+    stats: Arc<EngineStats>,
     wait: AsyncFd<WaitFd>,
     inner: RefCell<Inner>,
     /// Buffers given back while the engine was busy; returned at the next pass.
     recycled: RefCell<Vec<BufRef>>,
-    wake: Notify,
-    wake_pending: Cell<bool>,
     /// Declared last: freed after `inner` has made sure the kernel is done with them.
     pools: ManuallyDrop<[Pool; 2]>,
 }
@@ -576,37 +734,12 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-thread_local! {
-    static CURRENT: RefCell<Option<Rc<Engine>>> = const { RefCell::new(None) };
-}
-
-/// The engine of the current worker thread.
-pub fn current() -> io::Result<Rc<Engine>> {
-    CURRENT
-        .with_borrow(|e| e.clone())
-        .ok_or_else(|| io::Error::other("no datagram engine on this thread"))
-}
-
 impl Engine {
-    /// Creates the engine of the calling worker thread and makes it [`current`]. Must be
-    /// called inside the worker's tokio runtime; [`Engine::run`] must then be spawned.
-    pub fn install(
-        backend: Backend,
-        sizes: Sizes,
-        stats: Arc<WorkerStats>,
-    ) -> io::Result<Rc<Engine>> {
-        let e = Rc::new(Engine::new(backend, sizes, stats)?);
-        CURRENT.with_borrow_mut(|c| *c = Some(e.clone()));
-        Ok(e)
-    }
-
-    /// Forgets the current thread's engine (it is dropped with its last user).
-    pub fn uninstall() {
-        CURRENT.with_borrow_mut(|c| *c = None);
-    }
-
-    fn new(backend: Backend, sizes: Sizes, stats: Arc<WorkerStats>) -> io::Result<Engine> {
-        let target_size = sizes.target_buffer_size + uring::RECV_OVERHEAD + cmsg::TARGET_CONTROL;
+    /// An engine on `backend`. Must be created inside the worker's tokio runtime (its wait fd
+    /// is registered with the runtime's reactor).
+    pub fn new(backend: Backend, sizes: Sizes, stats: Arc<EngineStats>) -> io::Result<Engine> {
+        let target_size =
+            sizes.target_buffer_size + uring::RECV_OVERHEAD + cmsg::NAME_LEN + cmsg::TARGET_CONTROL;
         let quic_size = 65_536 + uring::RECV_OVERHEAD + cmsg::NAME_LEN + 128;
         let pools = [
             Pool::new(target_size, sizes.target_buffers),
@@ -625,7 +758,6 @@ impl Engine {
         // AsyncFd's whole life.
         let wait =
             unsafe { AsyncFd::register_with_interest(WaitFd(fd), tokio::io::Interest::READABLE) }?;
-        stats.set_io_backend(backend.as_str());
         for g in Group::ALL {
             stats.pool_free[g.index()].set(u64::from(pools[g.index()].count()));
         }
@@ -640,12 +772,16 @@ impl Engine {
                     slots: Slab::new(),
                     next_gen: 0,
                     stats,
-                    // A socket's backlog holds at most its share of the pool, so one consumer
-                    // that falls behind cannot take every buffer.
+                    // A socket's backlog holds at least its share of the pool (see
+                    // `Table::deliver`), so one consumer that falls behind cannot take every
+                    // buffer.
                     backlog_cap: [
-                        (usize::from(sizes.target_buffers) / 8).clamp(1, 64),
+                        (usize::from(sizes.target_buffers) / 8).max(1),
                         usize::from(sizes.quic_buffers),
                     ],
+                    ready: Vec::with_capacity(256),
+                    errors: Vec::new(),
+                    errq: Vec::new(),
                 },
                 sendq: Vec::with_capacity(SENDQ_CAP),
                 tx_bufs: Vec::new(),
@@ -654,15 +790,21 @@ impl Engine {
             recycled: RefCell::new(Vec::with_capacity(
                 usize::from(sizes.target_buffers) + usize::from(sizes.quic_buffers),
             )),
-            wake: Notify::new(),
-            wake_pending: Cell::new(false),
             pools: ManuallyDrop::new(pools),
         })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Whether sends use UDP GSO.
     pub fn gso(&self) -> bool {
         self.gso
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
     }
 
     /// Takes ownership of a non-blocking UDP socket and starts receiving on it.
@@ -684,9 +826,8 @@ impl Engine {
             role,
             ipv6,
             backlog: VecDeque::new(),
-            err: None,
+            listed: false,
             kernel_drops: 0,
-            waker: None,
             closing: false,
             armed: false,
             ready: false,
@@ -700,9 +841,16 @@ impl Engine {
             inner.table.slots.remove(idx as usize);
             return Err(e);
         }
-        drop(guard);
-        self.poke();
         Ok(id)
+    }
+
+    /// The local address a registered socket is bound to.
+    pub fn local_addr(&self, id: SockId) -> Option<SocketAddr> {
+        let mut inner = self.inner.borrow_mut();
+        inner
+            .table
+            .get(id.idx, id.gen)
+            .and_then(|s| s.sock.local_addr().ok())
     }
 
     /// Stops receiving and closes the socket (once the kernel is done with it).
@@ -715,7 +863,6 @@ impl Engine {
             return;
         };
         s.closing = true;
-        s.waker = None;
         let backlog = std::mem::take(&mut s.backlog);
         let armed = s.armed;
         for e in backlog {
@@ -731,58 +878,89 @@ impl Engine {
                 inner.table.slots.remove(id.idx as usize);
             }
         }
-        drop(guard);
-        self.poke();
     }
 
-    /// Ready when a datagram or an error waits on `id`.
-    pub fn poll_readable(&self, id: SockId, cx: &mut Context<'_>) -> Poll<()> {
-        let mut inner = self.inner.borrow_mut();
-        match inner.table.get(id.idx, id.gen) {
-            Some(s) if s.backlog.is_empty() && s.err.is_none() => {
-                if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    s.waker = Some(cx.waker().clone());
-                }
-                Poll::Pending
+    /// Waits until the kernel has something for the engine (completions, or a readable
+    /// socket), then clears the readiness: what arrives after this call wakes the next wait.
+    pub async fn wait(&self) {
+        match self.wait.readable().await {
+            Ok(mut guard) => guard.clear_ready(),
+            Err(e) => {
+                warn!(error = %e, "datagram engine: waiting failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
-            _ => Poll::Ready(()),
         }
     }
 
-    /// Waits until [`Engine::try_recv`] has something for `id`. Cancel-safe.
-    pub async fn readable(&self, id: SockId) {
-        poll_fn(|cx| self.poll_readable(id, cx)).await
-    }
-
-    /// The next datagram received on `id`, an error the socket reported, or `None`.
-    pub fn try_recv(&self, id: SockId) -> Option<io::Result<Received<'_>>> {
+    /// The first half of a pass: buffers given back, completions (or readable sockets) drained
+    /// into the sockets' backlogs, up to the pass budget. True when the budget ran out.
+    pub fn complete(&self) -> bool {
         let mut inner = self.inner.borrow_mut();
-        let Some(s) = inner.table.get(id.idx, id.gen) else {
-            return Some(Err(io::Error::from(io::ErrorKind::NotConnected)));
-        };
-        if let Some(e) = s.backlog.pop_front() {
-            return Some(Ok(Received {
-                engine: self,
-                buf: e.buf,
-                off: e.off,
-                len: e.len,
-                info: e.info,
-                addr: e.addr,
-            }));
+        let inner = &mut *inner;
+        for b in self.recycled.borrow_mut().drain(..) {
+            give_back(&mut inner.io, &self.pools, b);
         }
-        s.err.map(|e| Err(io::Error::from_raw_os_error(e)))
+        let (completions, more) = match &mut inner.io {
+            Io::Uring(r) => r.complete(&mut inner.table, &self.pools, &mut inner.tx_bufs),
+            Io::Mmsg(p) => p.receive(&mut inner.table, &self.pools),
+        };
+        self.stats.passes.inc();
+        self.stats.completions.add(completions as u64);
+        self.publish_free(&inner.io);
+        more
     }
 
-    /// Queues a datagram for a connected target socket; false (dropped) when the queue is
-    /// full. Failures the kernel reports later are counted by the engine.
-    pub fn send(&self, id: SockId, payload: Bytes) -> bool {
+    /// The sockets whose backlogs gained datagrams since the last call, each once.
+    pub fn take_ready(&self, out: &mut Vec<SockId>) {
+        let mut inner = self.inner.borrow_mut();
+        let inner = &mut *inner;
+        for id in inner.table.ready.drain(..) {
+            if let Some(s) = inner
+                .table
+                .slots
+                .get_mut(id.idx as usize)
+                .filter(|s| s.gen == id.gen)
+            {
+                s.listed = false;
+            }
+            out.push(id);
+        }
+    }
+
+    /// The errors egress sockets reported since the last call.
+    pub fn take_errors(&self, out: &mut Vec<SockError>) {
+        out.append(&mut self.inner.borrow_mut().table.errors);
+    }
+
+    /// The next datagram (or GRO train) received on `id`, read in place from its pool buffer
+    /// (the buffer returns to the pool when the `Received` drops), or `None`.
+    pub fn try_recv(&self, id: SockId) -> Option<Received<'_>> {
+        let mut inner = self.inner.borrow_mut();
+        let s = inner.table.get(id.idx, id.gen)?;
+        let e = s.backlog.pop_front()?;
+        Some(Received {
+            engine: self,
+            buf: e.buf,
+            off: e.off,
+            len: e.len,
+            info: e.info,
+            addr: e.addr,
+        })
+    }
+
+    /// Queues a datagram for `dest` on egress socket `id` (a slice of the buffer it arrived in:
+    /// no copy); false (dropped and counted) when the queue is full. Failures the kernel
+    /// reports later are counted by the engine; `tag` says which `sent` counter it goes to.
+    pub fn send(&self, id: SockId, dest: SocketAddr, payload: Bytes, tag: u8) -> bool {
         self.queue(SendReq {
             id,
             payload: Payload::Shared(payload),
-            dest: None,
+            dest,
             segment: 0,
             ecn: 0,
             src_ip: None,
+            tag,
+            seq: 0,
         })
     }
 
@@ -803,7 +981,7 @@ impl Engine {
     }
 
     /// Queues a QUIC transmit (several datagrams with GSO).
-    pub fn send_to(&self, id: SockId, t: Transmit) -> bool {
+    pub fn send_transmit(&self, id: SockId, t: Transmit) -> bool {
         let segment = match t.segment_size {
             Some(s) if s < t.buf.len() => s as u16,
             _ => 0,
@@ -811,15 +989,18 @@ impl Engine {
         self.queue(SendReq {
             id,
             payload: Payload::Owned(t.buf),
-            dest: Some(t.dest),
+            dest: t.dest,
             segment,
             ecn: t.ecn,
             src_ip: t.src_ip,
+            tag: 0,
+            seq: 0,
         })
     }
 
-    fn queue(&self, r: SendReq) -> bool {
+    fn queue(&self, mut r: SendReq) -> bool {
         let mut inner = self.inner.borrow_mut();
+        r.seq = inner.sendq.len() as u32;
         if inner.sendq.len() >= SENDQ_CAP {
             let n = match r.payload {
                 Payload::Owned(ref b) if r.segment > 0 => b.len().div_ceil(r.segment as usize),
@@ -832,58 +1013,40 @@ impl Engine {
             return false;
         }
         inner.sendq.push(r);
-        drop(inner);
-        self.poke();
         true
-    }
-
-    /// Asks for a pass soon (after the tasks that are ready now have run).
-    fn poke(&self) {
-        if !self.wake_pending.replace(true) {
-            self.wake.notify_one();
-        }
     }
 
     fn recycle(&self, b: BufRef) {
         match self.inner.try_borrow_mut() {
             Ok(mut inner) => {
-                let starved = give_back(&mut inner.io, &self.pools, b);
-                let free = match &inner.io {
-                    Io::Uring(r) => r.free(),
-                    Io::Mmsg(p) => p.free(),
-                };
-                let g = b.group.index();
-                self.stats.pool_free[g].set(u64::from(free[g]));
-                if starved {
-                    drop(inner);
-                    self.poke();
-                }
+                give_back(&mut inner.io, &self.pools, b);
             }
-            Err(_) => {
-                self.recycled.borrow_mut().push(b);
-                self.poke();
-            }
+            Err(_) => self.recycled.borrow_mut().push(b),
         }
     }
 
-    /// One pass: buffers back, completions in (bounded), sends out. Returns true when work
-    /// was left for the next pass.
-    pub fn pass(&self) -> bool {
-        self.wake_pending.set(false);
+    /// The second half of a pass: the queued sends become messages (GSO trains where a run of
+    /// datagrams goes to one destination), submitted with one `io_uring_enter` (or the mmsg
+    /// syscalls); receives stopped for lack of buffers restart. Returns the messages sent.
+    pub fn flush(&self) -> usize {
         let mut inner = self.inner.borrow_mut();
         let inner = &mut *inner;
         for b in self.recycled.borrow_mut().drain(..) {
             give_back(&mut inner.io, &self.pools, b);
         }
-        let stats = &*self.stats;
-        let (completions, more) = match &mut inner.io {
-            Io::Uring(r) => r.complete(&mut inner.table, &self.pools, &mut inner.tx_bufs),
-            Io::Mmsg(p) => p.receive(&mut inner.table, &self.pools),
-        };
+        // Sends to one destination next to each other (stable: each flow keeps its order), so
+        // runs of them can leave as one GSO message.
+        // (In place: an unstable sort on a key that includes the queue position.)
+        if self.gso && inner.sendq.len() > 1 {
+            inner
+                .sendq
+                .sort_unstable_by_key(|r| (r.id.idx, r.dest, r.seq));
+        }
         let submitted = match &mut inner.io {
             Io::Uring(r) => r.flush(
                 &mut inner.sendq,
                 &mut inner.table,
+                &self.pools,
                 &mut inner.tx_bufs,
                 &mut inner.lens,
                 self.gso,
@@ -896,52 +1059,30 @@ impl Engine {
                 self.gso,
             ),
         };
-        let more = more
+        self.stats.submissions.add(submitted as u64);
+        self.publish_free(&inner.io);
+        submitted
+    }
+
+    /// True when another pass would find work without the kernel saying so: completions left
+    /// in the queue, sockets left unread by the budget, receives waiting to restart.
+    pub fn pending(&self) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        let inner = &mut *inner;
+        !inner.table.ready.is_empty()
             || match &mut inner.io {
-                Io::Uring(r) => r.pending(),
-                Io::Mmsg(_) => false,
-            };
-        stats.io_passes.inc();
-        stats.io_completions.add(completions as u64);
-        stats.io_submissions.add(submitted as u64);
-        let free = match &inner.io {
+                Io::Uring(r) => r.pending(&self.pools),
+                Io::Mmsg(p) => p.pending(),
+            }
+    }
+
+    fn publish_free(&self, io: &Io) {
+        let free = match io {
             Io::Uring(r) => r.free(),
             Io::Mmsg(p) => p.free(),
         };
         for g in Group::ALL {
-            stats.pool_free[g.index()].set(u64::from(free[g.index()]));
-        }
-        more
-    }
-
-    /// Runs passes whenever the kernel or a consumer has something, forever (the worker drops
-    /// the task at its end).
-    pub async fn run(self: Rc<Self>) {
-        loop {
-            tokio::select! {
-                biased;
-                r = self.wait.readable() => match r {
-                    Ok(mut guard) => {
-                        let more = self.pass();
-                        if more {
-                            self.poke();
-                        } else {
-                            guard.clear_ready();
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "datagram engine: waiting failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    }
-                },
-                () = self.wake.notified() => {
-                    if self.pass() {
-                        self.poke();
-                    }
-                }
-            }
-            // Let the consumers this pass woke run before the next one.
-            tokio::task::yield_now().await;
+            self.stats.pool_free[g.index()].set(u64::from(free[g.index()]));
         }
     }
 
@@ -976,6 +1117,7 @@ impl Drop for Engine {
                 r.flush(
                     &mut inner.sendq,
                     &mut inner.table,
+                    &self.pools,
                     &mut inner.tx_bufs,
                     &mut inner.lens,
                     self.gso,
@@ -1011,7 +1153,7 @@ pub struct Received<'e> {
     off: u32,
     len: u32,
     pub info: RecvInfo,
-    /// The sender (QUIC socket only; a target socket is connected).
+    /// The sender.
     pub addr: Option<SocketAddr>,
 }
 
@@ -1034,15 +1176,46 @@ impl Received<'_> {
         &b[self.off as usize..(self.off + self.len) as usize]
     }
 
-    /// The datagrams of a GRO train (one when GRO did not coalesce).
-    pub fn datagrams(&self) -> std::slice::Chunks<'_, u8> {
+    /// The datagrams of a GRO train (one when GRO did not coalesce; an empty datagram is one
+    /// too).
+    pub fn datagrams(&self) -> Datagrams<'_> {
         let d = self.data();
         let stride = if self.info.stride == 0 {
             d.len().max(1)
         } else {
             self.info.stride as usize
         };
-        d.chunks(stride)
+        Datagrams {
+            rest: d,
+            stride,
+            empty: d.is_empty(),
+        }
+    }
+}
+
+/// The datagrams of a [`Received`], in order.
+#[derive(Debug)]
+pub struct Datagrams<'a> {
+    rest: &'a [u8],
+    stride: usize,
+    /// One empty datagram still to yield.
+    empty: bool,
+}
+
+impl<'a> Iterator for Datagrams<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if std::mem::take(&mut self.empty) {
+            return Some(&[]);
+        }
+        if self.rest.is_empty() {
+            return None;
+        }
+        let n = self.stride.min(self.rest.len());
+        let (d, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Some(d)
     }
 }
 

@@ -22,9 +22,8 @@ use tracing::debug;
 use super::cmsg;
 use super::pool::{BufRef, Group, Pool};
 use super::{
-    empty_msghdr, message_len, message_lens, Entry, MsgStore, Payload, Role, SendReq, Table,
+    empty_msghdr, message_len, message_lens, Entry, IoDrop, MsgStore, Payload, Role, SendReq, Table,
 };
-use crate::relay::flow::DropReason;
 
 /// Bytes of each receive buffer taken by the kernel's `io_uring_recvmsg_out` header.
 pub const RECV_OVERHEAD: usize = 16;
@@ -122,6 +121,9 @@ struct SendOp {
     idx: u32,
     gen: u32,
     datagrams: u16,
+    tag: u8,
+    /// Sent again once already, after an ICMP error about another destination failed it.
+    retried: bool,
 }
 
 pub(super) struct Ring {
@@ -269,7 +271,7 @@ impl Ring {
             bufs[g.index()].publish();
         }
         let mut target_hdr = Box::new(empty_msghdr());
-        target_hdr.msg_namelen = 0;
+        target_hdr.msg_namelen = cmsg::NAME_LEN as libc::socklen_t;
         target_hdr.msg_controllen = cmsg::TARGET_CONTROL as _;
         let mut quic_hdr = Box::new(empty_msghdr());
         quic_hdr.msg_namelen = cmsg::NAME_LEN as libc::socklen_t;
@@ -293,10 +295,17 @@ impl Ring {
         self.ring.as_raw_fd()
     }
 
-    /// Completions are waiting in the queue, or for the kernel to post them (another pass is
-    /// due).
-    pub fn pending(&mut self) -> bool {
-        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
+    /// Completions are waiting in the queue, or for the kernel to post them, or a receive
+    /// stopped for lack of buffers can restart (another pass is due).
+    pub fn pending(&mut self, pools: &[Pool; 2]) -> bool {
+        !self.ring.completion().is_empty()
+            || self.ring.submission().taskrun()
+            || !self.rearm.is_empty()
+            || self.starved.iter().any(|_| {
+                Group::ALL
+                    .iter()
+                    .any(|g| self.bufs[g.index()].free >= (pools[g.index()].count() / 8).max(1))
+            })
     }
 
     pub fn free(&self) -> [u16; 2] {
@@ -398,7 +407,13 @@ impl Ring {
         for (idx, gen) in std::mem::take(&mut self.cancels) {
             self.cancel(idx, gen);
         }
-        // Restart receives that ended (multishot stops on CQ overflow, errors, or no buffers).
+        self.restart(table, pools);
+        (n, n == super::PASS_BUDGET)
+    }
+
+    /// Restarts receives that ended (multishot stops on CQ overflow, errors, or no buffers);
+    /// those that ran out of buffers once an eighth of their pool is back.
+    fn restart(&mut self, table: &mut Table, pools: &[Pool; 2]) {
         let mut rearm = std::mem::take(&mut self.rearm);
         for &(idx, gen) in &rearm {
             if table.get(idx, gen).is_some() {
@@ -409,7 +424,6 @@ impl Ring {
         rearm.clear();
         rearm.append(&mut self.rearm);
         self.rearm = rearm;
-        // Receives that ran out of buffers restart once an eighth of the pool is back.
         if !self.starved.is_empty() {
             let starved = std::mem::take(&mut self.starved);
             for &(idx, gen) in &starved {
@@ -424,7 +438,6 @@ impl Ring {
                 }
             }
         }
-        (n, n == super::PASS_BUDGET)
     }
 
     fn on_recv(
@@ -461,10 +474,7 @@ impl Ring {
                     table.stats.receive_paused[g.index()].inc();
                 }
                 libc::ECANCELED => {}
-                e => match role {
-                    Some(Role::Target(_)) => table.fail(idx, gen, e),
-                    _ => debug!(errno = e, "QUIC socket receive error"),
-                },
+                e => table.fail(idx, gen, e),
             }
         }
         if !cqueue::more(flags) {
@@ -476,7 +486,7 @@ impl Ring {
                 table.slots.remove(idx as usize); // the socket closes here
             } else if res == -libc::ENOBUFS {
                 self.starved.push((idx, gen));
-            } else if s.err.is_none() {
+            } else {
                 self.rearm.push((idx, gen));
             }
         }
@@ -502,18 +512,16 @@ impl Ring {
             return Some(b);
         };
         if out.is_payload_truncated() {
-            table.stats.dropped(DropReason::Truncated);
+            table.stats.drop_n(IoDrop::Truncated, 1);
             return Some(b);
         }
         let payload = out.payload_data();
         let off = payload.as_ptr() as usize - buf.as_ptr() as usize;
-        let (info, addr) = match role {
-            Role::Quic => (
-                cmsg::parse(out.control_data()),
-                cmsg::sockaddr(out.name_data()),
-            ),
-            Role::Target(_) => (cmsg::parse(out.control_data()), None),
-        };
+        let _ = role;
+        let (info, addr) = (
+            cmsg::parse(out.control_data()),
+            cmsg::sockaddr(out.name_data()),
+        );
         let free = self.bufs[g].free;
         table.deliver(
             idx,
@@ -530,6 +538,29 @@ impl Ring {
     }
 
     fn on_send(&mut self, table: &mut Table, op: u32, res: i32, tx_bufs: &mut Vec<Vec<u8>>) {
+        if res < 0 && super::pending_icmp(-res) {
+            let retry = self
+                .ops
+                .get(op as usize)
+                .filter(|o| !o.retried)
+                .map(|o| (o.idx, o.gen));
+            if let Some((idx, gen)) = retry {
+                // An ICMP error about another destination of this shared socket failed this
+                // send: read it (it ends that flow) and send this message again.
+                table.fail(idx, gen, -res);
+                if let Some(fd) = table.get(idx, gen).map(|s| s.sock.as_raw_fd()) {
+                    let o = &mut self.ops[op as usize];
+                    o.retried = true;
+                    let sqe = opcode::SendMsg::new(Fd(fd), &o.msg.hdr)
+                        .flags(libc::MSG_DONTWAIT as u32)
+                        .build()
+                        .user_data(user_data(KIND_SEND, op, 0));
+                    if self.push_sqe(&sqe) {
+                        return;
+                    }
+                }
+            }
+        }
         let Some(mut op) = self.ops.try_remove(op as usize) else {
             return;
         };
@@ -539,6 +570,7 @@ impl Ring {
             table.sent(
                 op.idx,
                 op.gen,
+                op.tag,
                 op.payloads.iter().map(|p| p.as_slice().len()),
             );
         }
@@ -556,10 +588,12 @@ impl Ring {
         &mut self,
         q: &mut Vec<SendReq>,
         table: &mut Table,
+        pools: &[Pool; 2],
         tx_bufs: &mut Vec<Vec<u8>>,
         lens: &mut Vec<u32>,
         gso: bool,
     ) -> usize {
+        self.restart(table, pools);
         let mut messages = 0;
         let mut i = 0;
         while i < q.len() {
@@ -586,12 +620,16 @@ impl Ring {
                     idx: 0,
                     gen: 0,
                     datagrams: 0,
+                    tag: 0,
+                    retried: false,
                 })
             });
             op.msg.fill(reqs, ipv6);
             op.idx = id.idx;
             op.gen = id.gen;
             op.datagrams = lens.len() as u16;
+            op.tag = reqs[0].tag;
+            op.retried = false;
             // Move the payloads into the operation: the iovecs point into them, and moving a
             // Bytes or a Vec does not move the bytes. An empty Bytes (no allocation) is left.
             for r in reqs.iter_mut() {

@@ -1,0 +1,588 @@
+//! The worker's flow table: every flow of the worker in one slab, linked to its client side
+//! (the QUIC connection and request stream, or the TCP connection and stream) and to its
+//! target side (an egress socket and the target's address), plus what the data path needs to
+//! find a flow from either side in O(1):
+//!
+//! ```text
+//! client datagram --(session: stream -> FlowId)--> flows[FlowId] --> (egress socket, target)
+//! target datagram --(demux: (egress socket, source) -> FlowId)--> flows[FlowId] --> client
+//! ```
+//!
+//! No I/O and no clock: time comes in as `now`, sockets are the worker's indices.
+//!
+//! **Egress sockets are shared.** A socket carries at most one flow per target address, so the
+//! pair (socket, target) names a flow; the table picks a socket for a new flow ([`assign`])
+//! and says when the worker must open another one. A target datagram whose (socket, source)
+//! names no flow (a third host spraying the relay's ports, or a late reply to a closed flow)
+//! is dropped by the caller and counted. A pair freed by a closing flow is kept out of use
+//! for [`QUARANTINE`], so late replies meant for the old flow can never reach a new flow's
+//! client.
+//!
+//! **Timers are lazy.** A flow's idle deadline enters the timer set when the flow opens and is
+//! checked when it falls due; datagrams only move the flow's last-activity time, never the
+//! timer set.
+//!
+//! [`assign`]: FlowTable::assign
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::proto::capsule::CapsuleDecoder;
+use crate::proto::connect_udp::HttpVersion;
+use crate::relay::flow::{CloseReason, Flow};
+use crate::relay::limits::FlowPermit;
+
+/// How long a (socket, target) pair freed by a closing flow stays out of use.
+pub const QUARANTINE: Duration = Duration::from_secs(2);
+/// Egress sockets per address family a worker opens before flows start to share them: up to
+/// this many flows each get a socket of their own (a target flooding its flow's socket then
+/// disturbs no other flow), and sockets left empty are used first.
+pub const SPREAD: usize = 64;
+
+/// How long an egress socket serves nothing (no flow, no quarantined pair) before the worker
+/// closes it: the pool shrinks back after a burst of flows.
+pub const EGRESS_IDLE: Duration = Duration::from_secs(1);
+
+/// A flow: its slab index and the generation that owns it (a stale id finds nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId {
+    idx: u32,
+    gen: u32,
+}
+
+/// The client side of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientRef {
+    /// HTTP/3: the QUIC connection (quinn-proto's handle) and the request stream.
+    H3 { conn: usize, stream: u64 },
+    /// HTTP/2 or HTTP/1.1: the worker's TCP connection and the stream (0 on HTTP/1.1).
+    Tcp { conn: u32, stream: u32 },
+}
+
+/// The target side of a flow: an egress socket (the worker's index) and the target address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TargetRef {
+    pub egress: u32,
+    pub addr: SocketAddr,
+}
+
+/// One flow.
+#[derive(Debug)]
+pub struct FlowEntry {
+    pub flow: Flow,
+    pub client: ClientRef,
+    pub version: HttpVersion,
+    pub target: TargetRef,
+    pub opened: Instant,
+    /// Capsules from a client whose flow travels in a byte stream (HTTP/2, HTTP/1.1).
+    pub decoder: Option<Box<CapsuleDecoder>>,
+    /// Reply with DATAGRAM capsules rather than QUIC DATAGRAM frames (HTTP/3 clients that
+    /// send capsules, or connections without QUIC datagrams).
+    pub capsules: bool,
+    /// The flow's slot in the relay-wide and per-identity caps, given back when it goes.
+    pub permit: FlowPermit,
+    /// The deadline this flow has in the timer set.
+    deadline: Instant,
+}
+
+/// One egress socket's use.
+#[derive(Debug, Default, Clone, Copy)]
+struct Egress {
+    ipv6: bool,
+    live: bool,
+    /// Flows plus quarantined pairs.
+    load: u32,
+    idle_since: Option<Instant>,
+}
+
+/// What a lookup by (socket, source) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pair {
+    Flow(FlowId),
+    /// Freed by a closed flow; out of use until then.
+    Quarantined(Instant),
+}
+
+/// Per target address: how many flows go there and where the next socket search starts.
+#[derive(Debug, Default, Clone, Copy)]
+struct Remote {
+    flows: u32,
+    cursor: u32,
+}
+
+/// Why a flow could not get an egress socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assign {
+    /// Use this socket.
+    Socket(u32),
+    /// Every socket of the family already serves this target (or still quarantines it):
+    /// the worker must open another one and call [`FlowTable::add_egress`].
+    NeedSocket,
+}
+
+/// The worker's flows.
+#[derive(Debug)]
+pub struct FlowTable {
+    flows: Slab<(u32, FlowEntry)>,
+    next_gen: u32,
+    /// (egress socket, target or source address) -> flow. Keys a peer chooses: SipHash with a
+    /// random key (std's default), so collisions cannot be steered.
+    demux: HashMap<(u32, SocketAddr), Pair>,
+    remotes: HashMap<SocketAddr, Remote>,
+    /// Egress socket indices per address family: [IPv4, IPv6].
+    sockets: [Vec<u32>; 2],
+    /// Per egress index: flows and quarantined pairs on it, and since when it has had none.
+    egress: Vec<Egress>,
+    /// Egress sockets with no load, per family (stale entries are skipped).
+    empty: [Vec<u32>; 2],
+    /// Egress sockets as they became idle, oldest first (an entry whose socket has been used
+    /// since is skipped).
+    idle: VecDeque<(Instant, u32)>,
+    timers: BTreeSet<(Instant, FlowId)>,
+    quarantine: VecDeque<(Instant, u32, SocketAddr)>,
+}
+
+impl Default for FlowTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn family(a: &SocketAddr) -> usize {
+    usize::from(a.is_ipv6())
+}
+
+impl FlowTable {
+    pub fn new() -> Self {
+        FlowTable {
+            flows: Slab::new(),
+            next_gen: 0,
+            demux: HashMap::new(),
+            remotes: HashMap::new(),
+            sockets: [Vec::new(), Vec::new()],
+            egress: Vec::new(),
+            idle: VecDeque::new(),
+            empty: [Vec::new(), Vec::new()],
+            timers: BTreeSet::new(),
+            quarantine: VecDeque::new(),
+        }
+    }
+
+    /// Flows open.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Egress sockets known for IPv4 (`false`) or IPv6 targets.
+    pub fn egress_count(&self, ipv6: bool) -> usize {
+        self.sockets[usize::from(ipv6)].len()
+    }
+
+    /// A new egress socket (the worker's index, which may be one retired before) for IPv4 or
+    /// IPv6 targets.
+    pub fn add_egress(&mut self, ipv6: bool, egress: u32, now: Instant) {
+        self.sockets[usize::from(ipv6)].push(egress);
+        let i = egress as usize;
+        if self.egress.len() <= i {
+            self.egress.resize(i + 1, Egress::default());
+        }
+        self.egress[i] = Egress {
+            ipv6,
+            live: true,
+            load: 0,
+            idle_since: Some(now),
+        };
+        self.idle.push_back((now, egress));
+        self.empty[usize::from(ipv6)].push(egress);
+    }
+
+    fn load(&mut self, egress: u32, now: Instant, up: bool) {
+        if let Some(e) = self.egress.get_mut(egress as usize) {
+            if up {
+                e.load += 1;
+                e.idle_since = None;
+            } else {
+                e.load = e.load.saturating_sub(1);
+                if e.load == 0 {
+                    e.idle_since = Some(now);
+                    self.idle.push_back((now, egress));
+                    self.empty[usize::from(e.ipv6)].push(egress);
+                }
+            }
+        }
+    }
+
+    /// Egress sockets that have served nothing for [`EGRESS_IDLE`]: out of the pool, for the
+    /// worker to close (their indices may come back through [`FlowTable::add_egress`]).
+    pub fn retire(&mut self, now: Instant, out: &mut Vec<u32>) {
+        while let Some(&(since, i)) = self.idle.front() {
+            if now < since + EGRESS_IDLE {
+                return;
+            }
+            self.idle.pop_front();
+            let Some(e) = self.egress.get_mut(i as usize) else {
+                continue;
+            };
+            if e.live && e.idle_since == Some(since) {
+                e.live = false;
+                e.idle_since = None;
+                self.sockets[usize::from(e.ipv6)].retain(|&s| s != i);
+                out.push(i);
+            }
+        }
+    }
+
+    /// Picks the egress socket for a new flow to `target`: one that serves no flow to that
+    /// address yet and does not quarantine it. Searches from where the last search for the
+    /// same target ended, so opening many flows to one target costs O(1) each.
+    pub fn assign(&mut self, target: SocketAddr, now: Instant) -> Assign {
+        self.expire_quarantine(now);
+        let f = family(&target);
+        // An empty socket first (it cannot serve the target yet); then a new one while the
+        // family has fewer than SPREAD.
+        while let Some(&e) = self.empty[f].last() {
+            match self.egress.get(e as usize) {
+                Some(x) if x.live && x.load == 0 => return Assign::Socket(e),
+                _ => {
+                    self.empty[f].pop();
+                }
+            }
+        }
+        let socks = &self.sockets[f];
+        let n = socks.len();
+        if n < SPREAD {
+            return Assign::NeedSocket;
+        }
+        let remote = self.remotes.get(&target).copied().unwrap_or_default();
+        if remote.flows as usize >= n {
+            return Assign::NeedSocket;
+        }
+        for k in 0..n {
+            let i = (remote.cursor as usize + k) % n;
+            let s = socks[i];
+            if !self.demux.contains_key(&(s, target)) {
+                let r = self.remotes.entry(target).or_default();
+                r.cursor = ((i + 1) % n) as u32;
+                return Assign::Socket(s);
+            }
+        }
+        Assign::NeedSocket
+    }
+
+    /// Opens a flow on `target` (from [`FlowTable::assign`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        &mut self,
+        flow: Flow,
+        client: ClientRef,
+        version: HttpVersion,
+        target: TargetRef,
+        decoder: Option<Box<CapsuleDecoder>>,
+        permit: FlowPermit,
+        now: Instant,
+    ) -> FlowId {
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let deadline = flow.poll_timeout();
+        let idx = self.flows.insert((
+            gen,
+            FlowEntry {
+                flow,
+                client,
+                version,
+                target,
+                opened: now,
+                decoder,
+                capsules: false,
+                permit,
+                deadline,
+            },
+        )) as u32;
+        let id = FlowId { idx, gen };
+        self.demux
+            .insert((target.egress, target.addr), Pair::Flow(id));
+        self.remotes.entry(target.addr).or_default().flows += 1;
+        self.load(target.egress, now, true);
+        self.timers.insert((deadline, id));
+        id
+    }
+
+    pub fn get(&self, id: FlowId) -> Option<&FlowEntry> {
+        self.flows
+            .get(id.idx as usize)
+            .filter(|(g, _)| *g == id.gen)
+            .map(|(_, e)| e)
+    }
+
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut FlowEntry> {
+        self.flows
+            .get_mut(id.idx as usize)
+            .filter(|(g, _)| *g == id.gen)
+            .map(|(_, e)| e)
+    }
+
+    /// The flow a target datagram belongs to: the one on `egress` to `source`. `None` for any
+    /// other source (dropped and counted by the caller).
+    pub fn demux(&self, egress: u32, source: SocketAddr) -> Option<FlowId> {
+        match self.demux.get(&(egress, source)) {
+            Some(Pair::Flow(id)) => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// Removes a flow; its (socket, target) pair is quarantined. Returns the entry (its permit
+    /// goes with it when dropped).
+    pub fn close(&mut self, id: FlowId, now: Instant) -> Option<FlowEntry> {
+        self.get(id)?;
+        let (_, e) = self.flows.remove(id.idx as usize);
+        let key = (e.target.egress, e.target.addr);
+        let until = now + QUARANTINE;
+        self.demux.insert(key, Pair::Quarantined(until));
+        self.quarantine.push_back((until, key.0, key.1));
+        if let Some(r) = self.remotes.get_mut(&e.target.addr) {
+            r.flows = r.flows.saturating_sub(1);
+        }
+        self.timers.remove(&(e.deadline, id));
+        Some(e)
+    }
+
+    fn expire_quarantine(&mut self, now: Instant) {
+        while let Some(&(until, egress, addr)) = self.quarantine.front() {
+            if until > now {
+                break;
+            }
+            self.quarantine.pop_front();
+            // Only if it is still this quarantine (a later close may have renewed it).
+            if self.demux.get(&(egress, addr)) == Some(&Pair::Quarantined(until)) {
+                self.demux.remove(&(egress, addr));
+                self.load(egress, now, false);
+                if self.remotes.get(&addr).is_some_and(|r| r.flows == 0)
+                    && !self.quarantine.iter().any(|q| q.2 == addr)
+                {
+                    self.remotes.remove(&addr);
+                }
+            }
+        }
+    }
+
+    /// The earliest deadline in the table: a flow's idle timeout, a quarantine's end, an
+    /// idle egress socket's retirement.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let t = self.timers.first().map(|(t, _)| *t);
+        let q = self.quarantine.front().map(|(t, _, _)| *t);
+        let r = self.idle.front().map(|(t, _)| *t + EGRESS_IDLE);
+        [t, q, r].into_iter().flatten().min()
+    }
+
+    /// Flows whose idle timeout has passed, up to `max`, into `out` (the caller closes them).
+    /// A flow that was active meanwhile is put back with its new deadline.
+    pub fn expired(&mut self, now: Instant, max: usize, out: &mut Vec<(FlowId, CloseReason)>) {
+        self.expire_quarantine(now);
+        while out.len() < max {
+            let Some(&(t, id)) = self.timers.first() else {
+                return;
+            };
+            if t > now {
+                return;
+            }
+            self.timers.pop_first();
+            let Some(e) = self
+                .flows
+                .get_mut(id.idx as usize)
+                .filter(|(g, _)| *g == id.gen)
+                .map(|(_, e)| e)
+            else {
+                continue;
+            };
+            match e.flow.handle_timeout(now) {
+                // Out of the timer set now; `close` finds nothing there to remove.
+                Some(reason) => out.push((id, reason)),
+                None => {
+                    e.deadline = e.flow.poll_timeout();
+                    self.timers.insert((e.deadline, id));
+                }
+            }
+        }
+    }
+
+    /// Every flow, for shutdown.
+    pub fn ids(&self) -> Vec<FlowId> {
+        self.flows
+            .iter()
+            .map(|(idx, (gen, _))| FlowId {
+                idx: idx as u32,
+                gen: *gen,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::limits::FlowLimiter;
+
+    fn flow(now: Instant) -> Flow {
+        Flow::new(now, Duration::from_secs(120), 65_527)
+    }
+
+    fn open(t: &mut FlowTable, target: SocketAddr, stream: u64, now: Instant) -> FlowId {
+        let egress = match t.assign(target, now) {
+            Assign::Socket(e) => e,
+            Assign::NeedSocket => {
+                let e = t.egress.len() as u32;
+                t.add_egress(target.is_ipv6(), e, now);
+                match t.assign(target, now) {
+                    Assign::Socket(e) => e,
+                    Assign::NeedSocket => panic!("a new socket serves the target"),
+                }
+            }
+        };
+        let permit = FlowLimiter::new(0, 0).acquire(None).unwrap();
+        t.open(
+            flow(now),
+            ClientRef::H3 { conn: 1, stream },
+            HttpVersion::Http3,
+            TargetRef {
+                egress,
+                addr: target,
+            },
+            None,
+            permit,
+            now,
+        )
+    }
+
+    #[test]
+    fn flows_get_sockets_of_their_own_up_to_the_spread_then_share_them() {
+        let now = Instant::now();
+        let mut t = FlowTable::new();
+        let a: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        let ids: Vec<FlowId> = (0..5).map(|i| open(&mut t, a, 4 * i, now)).collect();
+        assert_eq!(
+            t.egress_count(false),
+            5,
+            "five flows to one target: five sockets"
+        );
+        let egress: Vec<u32> = ids
+            .iter()
+            .map(|i| t.get(*i).unwrap().target.egress)
+            .collect();
+        let mut uniq = egress.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 5);
+        // Up to SPREAD sockets, every flow has its own (whatever its target).
+        for i in 5..SPREAD as u64 {
+            open(
+                &mut t,
+                SocketAddr::new("192.0.2.2".parse().unwrap(), 1000 + i as u16),
+                i,
+                now,
+            );
+        }
+        assert_eq!(t.egress_count(false), SPREAD);
+        // Beyond, flows to other targets share the sockets...
+        for i in 0..100u16 {
+            open(
+                &mut t,
+                SocketAddr::new("192.0.2.3".parse().unwrap(), i + 1),
+                5000 + u64::from(i),
+                now,
+            );
+        }
+        assert_eq!(t.egress_count(false), SPREAD);
+        // ...while flows to one target still need one socket each.
+        for i in 5..(SPREAD as u64 + 3) {
+            open(&mut t, a, 9000 + i, now);
+        }
+        assert_eq!(t.egress_count(false), SPREAD + 3);
+        // Each datagram finds its flow by (socket, source); any other source finds none.
+        for (id, e) in ids.iter().zip(&egress) {
+            assert_eq!(t.demux(*e, a), Some(*id));
+        }
+        let stranger: SocketAddr = "198.51.100.9:443".parse().unwrap();
+        assert_eq!(t.demux(egress[0], stranger), None);
+        assert_eq!(t.demux(egress[0], "192.0.2.1:444".parse().unwrap()), None);
+        // IPv6 targets have sockets of their own.
+        open(&mut t, "[2001:db8::1]:443".parse().unwrap(), 99_999, now);
+        assert_eq!(t.egress_count(true), 1);
+    }
+
+    #[test]
+    fn a_closed_flows_pair_is_quarantined_before_reuse() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new();
+        let a: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        let first = open(&mut t, a, 0, t0);
+        let e = t.get(first).unwrap().target.egress;
+        assert!(t.close(first, t0).is_some());
+        assert!(t.get(first).is_none(), "stale id finds nothing");
+        // A late reply meant for the closed flow reaches no one...
+        assert_eq!(t.demux(e, a), None);
+        // ...and a new flow to the same target cannot take the pair yet.
+        let second = open(&mut t, a, 4, t0);
+        assert_ne!(t.get(second).unwrap().target.egress, e);
+        assert_eq!(t.egress_count(false), 2);
+        // After the quarantine the pair is free again.
+        let later = t0 + QUARANTINE + Duration::from_millis(1);
+        assert_eq!(t.assign(a, later), Assign::Socket(e));
+    }
+
+    #[test]
+    fn idle_flows_expire_lazily_and_active_ones_stay() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new();
+        let a = open(&mut t, "192.0.2.1:1".parse().unwrap(), 0, t0);
+        let b = open(&mut t, "192.0.2.1:2".parse().unwrap(), 4, t0);
+        // b is active halfway through its idle timeout.
+        let mid = t0 + Duration::from_secs(60);
+        assert_eq!(
+            t.get_mut(b).unwrap().flow.on_client_datagram(mid, 0, 10),
+            crate::relay::flow::ClientDatagram::Forward
+        );
+        let mut out = Vec::new();
+        t.expired(t0 + Duration::from_secs(121), 10, &mut out);
+        assert_eq!(out, vec![(a, CloseReason::Idle)]);
+        t.close(a, t0 + Duration::from_secs(121));
+        out.clear();
+        t.expired(t0 + Duration::from_secs(170), 10, &mut out);
+        assert!(out.is_empty(), "b was active at 60 s");
+        t.expired(t0 + Duration::from_secs(181), 10, &mut out);
+        assert_eq!(out, vec![(b, CloseReason::Idle)]);
+    }
+
+    #[test]
+    fn idle_egress_sockets_are_retired_and_their_indices_reused() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new();
+        let a: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        let ids: Vec<FlowId> = (0..3).map(|i| open(&mut t, a, 4 * i, t0)).collect();
+        assert_eq!(t.egress_count(false), 3);
+        for id in &ids {
+            t.close(*id, t0);
+        }
+        let mut out = Vec::new();
+        // Still quarantined: nothing retires.
+        t.retire(t0 + QUARANTINE, &mut out);
+        assert!(out.is_empty());
+        let mut none = Vec::new();
+        t.expired(t0 + QUARANTINE + Duration::from_millis(1), 10, &mut none);
+        let due = t.next_deadline().unwrap();
+        assert!(due <= t0 + QUARANTINE + EGRESS_IDLE + Duration::from_millis(1));
+        t.retire(due, &mut out);
+        out.sort();
+        assert_eq!(out, vec![0, 1, 2]);
+        assert_eq!(t.egress_count(false), 0);
+        // A retired index may be given to a new socket.
+        t.add_egress(false, 1, due);
+        assert_eq!(t.assign(a, due), Assign::Socket(1));
+    }
+}
