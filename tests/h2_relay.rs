@@ -614,3 +614,92 @@ async fn buffer_pool_exhaustion_drops_and_counts_and_the_worker_goes_on() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// SECURITY.md 24: egress sockets are shared, so the relay filters sources itself. A third
+/// host spraying a flow's egress port is dropped and counted, never relayed to the client.
+#[tokio::test]
+async fn datagrams_from_anyone_but_the_target_are_dropped_and_counted() {
+    let relay = TestRelay::start(|c| c.workers = 1);
+    let target = EchoTarget::start("127.0.0.1:0");
+    let mut client = relay.h2().await;
+    let (resp, mut send, mut body) =
+        connect_udp(&mut client, &udp_path("127.0.0.1", target.addr.port())).await;
+    assert_eq!(status(&resp), 200);
+    let mut reader = CapsuleReader::default();
+    send.send_data(Bytes::from(datagram(b"first")), false)
+        .unwrap();
+    assert_eq!(
+        recv_datagrams(&mut body, &mut reader, 1).await,
+        vec![b"first".to_vec()]
+    );
+    let egress = target.last_peer.lock().unwrap().unwrap();
+    // Another host, and the target's own address from another port.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let neighbour = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..50 {
+        stranger.send_to(b"spoofed", egress).unwrap();
+        neighbour.send_to(b"spoofed", egress).unwrap();
+    }
+    let spoofed = || relay.sum(|s| s.drops_for(DropReason::UnknownSource));
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while spoofed() < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 100 counted",
+            spoofed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The flow goes on, and what reaches the client is only the target's echo.
+    send.send_data(Bytes::from(datagram(b"second")), false)
+        .unwrap();
+    assert_eq!(
+        recv_datagrams(&mut body, &mut reader, 1).await,
+        vec![b"second".to_vec()]
+    );
+}
+
+/// SECURITY.md 24: a closed flow's (socket, target) pair is not handed to the next flow to the
+/// same target while replies for the old one may still arrive.
+#[tokio::test]
+async fn a_new_flow_never_receives_the_previous_flows_late_replies() {
+    let relay = TestRelay::start(|c| c.workers = 1);
+    let target = EchoTarget::start("127.0.0.1:0");
+    let mut client = relay.h2().await;
+    let path = udp_path("127.0.0.1", target.addr.port());
+    let (_, mut send, mut body) = connect_udp(&mut client, &path).await;
+    let mut reader = CapsuleReader::default();
+    send.send_data(Bytes::from(datagram(b"a")), false).unwrap();
+    assert_eq!(recv_datagrams(&mut body, &mut reader, 1).await.len(), 1);
+    let old = target.last_peer.lock().unwrap().unwrap();
+    send.send_data(Bytes::new(), true).unwrap();
+    stream_end(&mut body, TIMEOUT)
+        .await
+        .expect("clean END_STREAM");
+    // The next flow to the same target, at once.
+    let (_, mut send, mut body) = connect_udp(&mut client, &path).await;
+    let mut reader = CapsuleReader::default();
+    send.send_data(Bytes::from(datagram(b"b")), false).unwrap();
+    assert_eq!(
+        recv_datagrams(&mut body, &mut reader, 1).await,
+        vec![b"b".to_vec()]
+    );
+    let new = target.last_peer.lock().unwrap().unwrap();
+    assert_ne!(old, new, "the pair is quarantined");
+    // A late reply to the old flow goes nowhere.
+    let before = relay.sum(|s| s.drops_for(DropReason::UnknownSource));
+    target.send_from(b"late for a", old);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while relay.sum(|s| s.drops_for(DropReason::UnknownSource)) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "late reply not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    send.send_data(Bytes::from(datagram(b"c")), false).unwrap();
+    assert_eq!(
+        recv_datagrams(&mut body, &mut reader, 1).await,
+        vec![b"c".to_vec()]
+    );
+}

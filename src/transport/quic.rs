@@ -788,6 +788,14 @@ mod tests {
 
     /// Connects an in-memory client; returns its connection once both sides are established.
     fn connect(h: &mut Harness, now: &mut Instant) -> quinn_proto::Connection {
+        connect_handle(h, now).1
+    }
+
+    /// [`connect`], with the client endpoint's handle of the connection.
+    fn connect_handle(
+        h: &mut Harness,
+        now: &mut Instant,
+    ) -> (ConnectionHandle, quinn_proto::Connection) {
         let server: SocketAddr = SERVER.parse().unwrap();
         let client: SocketAddr = CLIENT.parse().unwrap();
         let before = h.driver.conns.len();
@@ -825,7 +833,7 @@ mod tests {
                     .values()
                     .all(|c| !c.session.conn.is_handshaking());
                 if settled {
-                    return conn;
+                    return (cch, conn);
                 }
             }
             *now += Duration::from_millis(1);
@@ -853,6 +861,213 @@ mod tests {
                 panic!("a driver pass did not return within {secs} s: livelock")
             }
         }
+    }
+
+    /// Moves packets both ways (and timers forward by `step`) until neither side has anything
+    /// to send; the driver's session events are left for the test.
+    fn pump(
+        h: &mut Harness,
+        cch: ConnectionHandle,
+        conn: &mut quinn_proto::Connection,
+        now: &mut Instant,
+    ) {
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let client: SocketAddr = CLIENT.parse().unwrap();
+        for _ in 0..20 {
+            let mut quiet = true;
+            let mut buf = Vec::new();
+            while let Some(t) = conn.poll_transmit(*now, 1, &mut buf) {
+                quiet = false;
+                h.driver
+                    .handle_packet(*now, client, None, 0, &buf[..t.size]);
+                buf.clear();
+            }
+            h.pass(*now);
+            for d in h.take_sent() {
+                quiet = false;
+                let mut resp = Vec::new();
+                if let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, ev)) =
+                    h.client
+                        .handle(*now, server, None, None, d.as_slice().into(), &mut resp)
+                {
+                    conn.handle_event(ev);
+                }
+            }
+            while let Some(ev) = conn.poll_endpoint_events() {
+                if let Some(ev) = h.client.handle_event(cch, ev) {
+                    conn.handle_event(ev);
+                }
+            }
+            *now += Duration::from_millis(1);
+            conn.handle_timeout(*now);
+            if quiet {
+                return;
+            }
+        }
+    }
+
+    /// Every event the driver's sessions have for the worker.
+    fn events(h: &mut Harness) -> Vec<crate::relay::h3::Event> {
+        let mut chs = Vec::new();
+        h.driver.take_evented(&mut chs);
+        let mut out = Vec::new();
+        for ch in chs {
+            let c = h.driver.conns.get_mut(&ch).unwrap();
+            while let Some(ev) = c.session.poll_event() {
+                out.push(ev);
+            }
+        }
+        out
+    }
+
+    /// What the client read on `id` so far.
+    fn read_all(conn: &mut quinn_proto::Connection, id: quinn_proto::StreamId) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut s = conn.recv_stream(id);
+        if let Ok(mut chunks) = s.read(true) {
+            while let Ok(Some(c)) = chunks.next(usize::MAX) {
+                out.extend_from_slice(&c.bytes);
+            }
+            let _ = chunks.finalize();
+        }
+        out
+    }
+
+    #[test]
+    fn a_request_becomes_a_flow_whose_datagrams_come_out_as_events() {
+        use crate::proto::h3::{frame, qpack};
+        use crate::relay::h3::{Accepted, Event};
+        use bytes::{BufMut, BytesMut};
+        let mut h = harness();
+        let mut now = Instant::now();
+        let (cch, mut conn) = connect_handle(&mut h, &mut now);
+        // The client's control stream: SETTINGS with SETTINGS_H3_DATAGRAM = 1.
+        let ctrl = conn.streams().open(quinn_proto::Dir::Uni).unwrap();
+        conn.send_stream(ctrl)
+            .write(&[0x00, 0x04, 0x02, 0x33, 0x01])
+            .unwrap();
+        // A CONNECT-UDP request, and a datagram sent before its answer (held, not lost).
+        let req = conn.streams().open(quinn_proto::Dir::Bi).unwrap();
+        let mut block = BytesMut::new();
+        qpack::encode_field_section(
+            &[
+                (b":method", b"CONNECT"),
+                (b":protocol", b"connect-udp"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+                (b":path", b"/.well-known/masque/udp/192.0.2.7/443/"),
+                (b"capsule-protocol", b"?1"),
+            ],
+            &mut block,
+        );
+        let mut head = BytesMut::new();
+        frame::encode_headers_frame(&block, &mut head);
+        conn.send_stream(req).write(&head).unwrap();
+        pump(&mut h, cch, &mut conn, &mut now);
+        let qsid = u64::from(VarInt::from(req)) / 4;
+        let dgram = |payload: &[u8]| {
+            let mut d = BytesMut::new();
+            crate::proto::varint::write(qsid, &mut d);
+            d.put_u8(0);
+            d.put_slice(payload);
+            d.freeze()
+        };
+        conn.datagrams().send(dgram(b"early"), false).unwrap();
+        pump(&mut h, cch, &mut conn, &mut now);
+        let evs = events(&mut h);
+        let request = evs
+            .iter()
+            .find_map(|e| match e {
+                Event::Request { stream, request } => Some((*stream, request.clone())),
+                _ => None,
+            })
+            .expect("a request event");
+        assert_eq!(request.0, req);
+        let r = request.1.unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.protocol.as_deref()),
+            ("CONNECT", Some("connect-udp"))
+        );
+        assert!(
+            !evs.iter().any(|e| matches!(e, Event::Datagram { .. })),
+            "held until answered"
+        );
+        // The worker opens a flow and answers.
+        let mut table = crate::relay::flow_table::FlowTable::new();
+        table.add_egress(false, 0, now);
+        let flow = table.open(
+            crate::relay::flow::Flow::new(now, Duration::from_secs(120), 1500),
+            crate::relay::flow_table::ClientRef::H3 { conn: 0, stream: 0 },
+            HttpVersion::Http3,
+            crate::relay::flow_table::TargetRef {
+                egress: 0,
+                addr: "192.0.2.7:443".parse().unwrap(),
+            },
+            None,
+            crate::relay::limits::FlowLimiter::new(0, 0)
+                .acquire(None)
+                .unwrap(),
+            now,
+        );
+        let ch = *h.driver.conns.keys().next().unwrap();
+        let c = h.driver.conns.get_mut(&ch).unwrap();
+        assert_eq!(c.session.accept(req, flow), Accepted::Open);
+        // The held datagram comes out now, a slice of the packet it arrived in.
+        let mut evs = Vec::new();
+        while let Some(e) = c.session.poll_event() {
+            evs.push(e);
+        }
+        h.driver.touch(ch);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::Datagram { flow: f, context_id: 0, payload }] if *f == flow && &payload[..] == b"early"
+            ),
+            "{evs:?}"
+        );
+        pump(&mut h, cch, &mut conn, &mut now);
+        // The client reads 200 with capsule-protocol.
+        let resp = read_all(&mut conn, req);
+        let mut rdr = crate::proto::h3::stream::RequestStreamReader::new(16_384);
+        let mut fields = None;
+        rdr.push(&resp, |ev| {
+            if let crate::proto::h3::stream::RequestEvent::Headers(b) = ev {
+                fields = Some(qpack::decode_field_section(b, 16_384).unwrap());
+            }
+        })
+        .unwrap();
+        let fields = fields.expect("a response");
+        let get = |n: &[u8]| fields.iter().find(|f| f.name == n).map(|f| f.value.clone());
+        assert_eq!(get(b":status").as_deref(), Some(&b"200"[..]));
+        assert_eq!(get(b"capsule-protocol").as_deref(), Some(&b"?1"[..]));
+        // Datagrams both ways.
+        conn.datagrams().send(dgram(b"to target"), false).unwrap();
+        pump(&mut h, cch, &mut conn, &mut now);
+        let evs = events(&mut h);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::Datagram { payload, .. }] if &payload[..] == b"to target"
+            ),
+            "{evs:?}"
+        );
+        let c = h.driver.conns.get_mut(&ch).unwrap();
+        c.session.send_datagram(req, b"to client").unwrap();
+        h.driver.touch(ch);
+        pump(&mut h, cch, &mut conn, &mut now);
+        let got = conn.datagrams().recv().expect("a datagram for the client");
+        assert_eq!(&got[..], &dgram(b"to client")[..]);
+        // The client ends its side: the flow ends, and the relay finishes its own.
+        conn.send_stream(req).finish().unwrap();
+        pump(&mut h, cch, &mut conn, &mut now);
+        let evs = events(&mut h);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::FlowEnded { flow: f, reason: crate::relay::flow::CloseReason::ClientEnd }] if *f == flow
+            ),
+            "{evs:?}"
+        );
     }
 
     #[test]
