@@ -1,36 +1,33 @@
-//! Micro-benchmarks of the flow table: finding a flow's record for each datagram.
+//! Micro-benchmarks of the worker's flow table (`relay::flow_table::FlowTable`):
 //!
-//! - by the stream ID the peer chose (HTTP/3 request streams: the relay keys them in a std
-//!   `HashMap`, SipHash, because a client picks the keys and could aim at a weak hash);
-//! - the same keys in a `rustc_hash::FxHashMap` (what the relay uses for keys it issues itself,
-//!   its connection handles), to show what SipHash costs;
-//! - by index in a `slab::Slab` (how the datagram engine finds a target socket's slot).
+//! - demultiplexing a target datagram: the flow on (egress socket, source address), a SipHash
+//!   lookup (the relay hashes addresses a peer chooses with a randomly keyed hasher), for 64
+//!   datagrams (one pass) from a pseudo-random sequence of existing flows, so large tables are
+//!   not all in cache;
+//! - the slab access by flow ID that follows it (and that client datagrams take directly);
+//! - opening and closing a flow (socket assignment, the demux entry, the idle timer, the
+//!   quarantine of the freed pair).
 //!
-//! At 100, 10 000 and 100 000 flows. Keys are client-initiated bidirectional stream IDs (0, 4,
-//! 8, ...; a `quinn_proto::StreamId` hashes as its `u64`), values a 64-byte record. Each
-//! iteration looks up 64 flows (one pass of datagrams) taken from a pseudo-random sequence of
-//! 65 536 existing keys, so large tables are not all in cache. `cargo bench --bench flow_table`
-//! (add `-- --quick` for a short run).
+//! At 100, 10 000 and 100 000 flows spread over 64 target ports on one address (real traffic
+//! spreads over many targets; flows to one target need a socket each).
+//! `cargo bench --bench flow_table` (add `-- --quick` for a short run).
 
-use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rustc_hash::FxHashMap;
-use slab::Slab;
+use masque_relay::proto::connect_udp::HttpVersion;
+use masque_relay::relay::flow::Flow;
+use masque_relay::relay::flow_table::{Assign, ClientRef, FlowId, FlowTable, TargetRef};
+use masque_relay::relay::limits::FlowLimiter;
 
-/// Lookups per iteration: one engine pass of datagrams.
+/// Lookups per iteration: one pass of datagrams.
 const PASS: usize = 64;
-/// Length of the pseudo-random key sequence the passes walk through.
+/// Length of the pseudo-random sequence of flows the passes walk through.
 const SEQUENCE: usize = 1 << 16;
-
-/// A flow's record, about the size of the hot part of the relay's.
-#[derive(Debug, Clone, Copy, Default)]
-struct Record {
-    counters: [u64; 7],
-    slot: u64,
-}
+/// Target ports the flows spread over.
+const PORTS: u16 = 64;
 
 /// xorshift64*: a fixed pseudo-random sequence without a dependency.
 fn xorshift(state: &mut u64) -> u64 {
@@ -40,96 +37,108 @@ fn xorshift(state: &mut u64) -> u64 {
     state.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
-/// `SEQUENCE` flow indices in 0..flows, pseudo-random, the same every run.
-fn sequence(flows: usize) -> Vec<usize> {
-    let mut s = 0x9e37_79b9_7f4a_7c15u64 ^ flows as u64;
-    (0..SEQUENCE)
-        .map(|_| (xorshift(&mut s) % flows as u64) as usize)
-        .collect()
+fn target(i: usize) -> SocketAddr {
+    SocketAddr::new(
+        "192.0.2.1".parse().unwrap(),
+        1000 + (i % PORTS as usize) as u16,
+    )
 }
 
-/// The stream ID of flow `i`: the client's `i`-th bidirectional stream.
-fn stream_id(i: usize) -> u64 {
-    4 * i as u64
+/// A table with `n` flows; returns it with each flow's (egress, target, id).
+fn table(n: usize, now: Instant) -> (FlowTable, Vec<(u32, SocketAddr, FlowId)>) {
+    let limiter = FlowLimiter::new(0, 0);
+    let mut t = FlowTable::new();
+    let mut sockets = 0u32;
+    let mut flows = Vec::with_capacity(n);
+    for i in 0..n {
+        let to = target(i);
+        let egress = loop {
+            match t.assign(to, now) {
+                Assign::Socket(e) => break e,
+                Assign::NeedSocket => {
+                    t.add_egress(false, sockets, now);
+                    sockets += 1;
+                }
+            }
+        };
+        let id = t.open(
+            Flow::new(now, Duration::from_secs(120), 65_527),
+            ClientRef::H3 {
+                conn: i / 256,
+                stream: 4 * (i % 256) as u64,
+            },
+            HttpVersion::Http3,
+            TargetRef { egress, addr: to },
+            None,
+            limiter.acquire(None).unwrap(),
+            now,
+        );
+        flows.push((egress, to, id));
+    }
+    (t, flows)
 }
 
-fn lookups(c: &mut Criterion) {
-    let mut g = c.benchmark_group("flow table: 64 lookups");
-    g.throughput(Throughput::Elements(PASS as u64));
-    for flows in [100usize, 10_000, 100_000] {
-        let seq = sequence(flows);
-        let ids: Vec<u64> = seq.iter().map(|&i| stream_id(i)).collect();
-
-        let mut sip: HashMap<u64, Record> = HashMap::with_capacity(flows);
-        let mut fx: FxHashMap<u64, Record> =
-            FxHashMap::with_capacity_and_hasher(flows, Default::default());
-        let mut slab: Slab<Record> = Slab::with_capacity(flows);
-        let mut slots = Vec::with_capacity(flows);
-        for i in 0..flows {
-            let r = Record {
-                slot: i as u64,
-                ..Record::default()
-            };
-            sip.insert(stream_id(i), r);
-            fx.insert(stream_id(i), r);
-            slots.push(slab.insert(r));
-        }
-        let slot_seq: Vec<usize> = seq.iter().map(|&i| slots[i]).collect();
-
+fn bench(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut g = c.benchmark_group("flow table");
+    for n in [100usize, 10_000, 100_000] {
+        let (mut t, flows) = table(n, now);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let seq: Vec<usize> = (0..SEQUENCE)
+            .map(|_| (xorshift(&mut state) % n as u64) as usize)
+            .collect();
+        let mut at = 0;
+        g.throughput(Throughput::Elements(PASS as u64));
         g.bench_with_input(
-            BenchmarkId::new("stream ID, std HashMap (SipHash)", flows),
-            &ids,
-            |b, ids| {
-                let mut at = 0;
+            BenchmarkId::new("demux + entry, 64 datagrams", n),
+            &n,
+            |b, _| {
                 b.iter(|| {
                     let mut sum = 0u64;
-                    for id in &ids[at..at + PASS] {
-                        if let Some(r) = sip.get_mut(black_box(id)) {
-                            r.counters[0] += 1;
-                            sum = sum.wrapping_add(r.slot);
-                        }
+                    for _ in 0..PASS {
+                        let (egress, from, _) = flows[seq[at]];
+                        at = (at + 1) % SEQUENCE;
+                        let id = t.demux(egress, from).expect("a flow");
+                        sum += t.get(id).map_or(0, |e| e.flow.counters().dropped);
                     }
-                    at = (at + PASS) % SEQUENCE;
-                    sum
+                    black_box(sum)
                 })
             },
         );
-        g.bench_with_input(
-            BenchmarkId::new("stream ID, FxHashMap", flows),
-            &ids,
-            |b, ids| {
-                let mut at = 0;
-                b.iter(|| {
-                    let mut sum = 0u64;
-                    for id in &ids[at..at + PASS] {
-                        if let Some(r) = fx.get_mut(black_box(id)) {
-                            r.counters[0] += 1;
-                            sum = sum.wrapping_add(r.slot);
-                        }
+        g.throughput(Throughput::Elements(1));
+        let mut later = now;
+        let mut i = 0;
+        g.bench_with_input(BenchmarkId::new("open + close a flow", n), &n, |b, _| {
+            let limiter = FlowLimiter::new(0, 0);
+            b.iter(|| {
+                // A new flow to one of the targets, closed at once; time moves on so the
+                // quarantine and idle sockets are served as in a running worker.
+                later += Duration::from_micros(20);
+                i += 1;
+                let to = target(i);
+                let egress = match t.assign(to, later) {
+                    Assign::Socket(e) => e,
+                    Assign::NeedSocket => {
+                        let e = 1_000_000 + i as u32;
+                        t.add_egress(false, e, later);
+                        e
                     }
-                    at = (at + PASS) % SEQUENCE;
-                    sum
-                })
-            },
-        );
-        g.bench_with_input(
-            BenchmarkId::new("slot index, Slab", flows),
-            &slot_seq,
-            |b, slot_seq| {
-                let mut at = 0;
-                b.iter(|| {
-                    let mut sum = 0u64;
-                    for &k in &slot_seq[at..at + PASS] {
-                        if let Some(r) = slab.get_mut(black_box(k)) {
-                            r.counters[0] += 1;
-                            sum = sum.wrapping_add(r.slot);
-                        }
-                    }
-                    at = (at + PASS) % SEQUENCE;
-                    sum
-                })
-            },
-        );
+                };
+                let id = t.open(
+                    Flow::new(later, Duration::from_secs(120), 65_527),
+                    ClientRef::Tcp {
+                        conn: 1,
+                        stream: i as u32,
+                    },
+                    HttpVersion::Http2,
+                    TargetRef { egress, addr: to },
+                    None,
+                    limiter.acquire(None).unwrap(),
+                    later,
+                );
+                black_box(t.close(id, later))
+            })
+        });
     }
     g.finish();
 }
@@ -139,6 +148,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = lookups
+    targets = bench
 }
 criterion_main!(benches);

@@ -1297,3 +1297,318 @@ fn error_response(version: HttpVersion, r: &Rejection) -> http::Response<()> {
         resp
     })
 }
+
+/// The worker's pass in memory, for benchmarks (`bench/benches/worker_pass.rs`) and tests:
+/// the real [`Core`] on the in-memory datagram engine, with an in-memory quinn-proto client
+/// whose flows are open. Only the pass is timed; the client's side (encryption of its packets,
+/// reading what the relay sent) happens outside.
+#[doc(hidden)]
+pub mod bench {
+    use std::net::UdpSocket;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::{BufMut, BytesMut};
+    use quinn_proto::{ClientConfig, Dir, Endpoint, EndpointConfig};
+
+    use super::*;
+    use crate::io::dgram::memory::SentTransmit;
+    use crate::io::dgram::{Backend, Sizes};
+
+    const CLIENT: &str = "127.0.0.1:40000";
+
+    /// A worker with an HTTP/3 client and its flows.
+    pub struct PassBench {
+        _rt: tokio::runtime::Runtime,
+        core: Core,
+        rx: mpsc::UnboundedReceiver<CoreMsg>,
+        engine: Rc<Engine>,
+        quic_sock: SockId,
+        server: SocketAddr,
+        client: Endpoint,
+        cch: quinn_proto::ConnectionHandle,
+        conn: quinn_proto::Connection,
+        /// Per flow: quarter stream ID, target, egress socket.
+        flows: Vec<(u64, SocketAddr, SockId)>,
+        sent: Vec<SentTransmit>,
+        _phase: tokio::sync::watch::Sender<Phase>,
+        _live: tokio::sync::watch::Sender<std::sync::Arc<crate::ctx::Shared>>,
+        next: usize,
+    }
+
+    impl std::fmt::Debug for PassBench {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("PassBench")
+                .field("flows", &self.flows.len())
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl PassBench {
+        /// A worker with `flows` HTTP/3 flows open on one connection, to targets
+        /// 192.0.2.1:1000 and up (a documentation range the configuration allows).
+        pub fn h3(flows: usize) -> PassBench {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let guard = rt.enter();
+            let dir = std::env::temp_dir().join(format!(
+                "masque-pass-bench-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+                .expect("certificate");
+            let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+            std::fs::write(&cert, ck.cert.pem()).expect("write");
+            std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write");
+            let mut config = crate::config::Config {
+                cert: Some(cert),
+                key: Some(key),
+                allow_targets: vec!["192.0.2.0/24".to_owned()],
+                ..Default::default()
+            };
+            config.limits.new_flows_per_second = 0;
+            config.limits.datagrams_per_second = 0;
+            config.http3.max_concurrent_streams = flows as u32 + 8;
+            config.limits.max_flows_per_connection = flows + 8;
+            let config = config.validate().expect("configuration");
+            let (shared, _) = crate::live_state(
+                config,
+                None,
+                std::sync::Arc::new(crate::io::resolve::SystemResolver),
+                crate::relay::limits::FlowLimiter::new(0, 0),
+                Default::default(),
+            )
+            .expect("state");
+            let _ = std::fs::remove_dir_all(&dir);
+            let server_cfg = shared.quic.clone().expect("QUIC");
+            let (live_tx, live) = tokio::sync::watch::channel(std::sync::Arc::new(shared));
+            let (phase_tx, phase) = tokio::sync::watch::channel(Phase::Run);
+            let ctx = WorkerCtx {
+                id: 0,
+                live,
+                stats: Default::default(),
+                phase,
+            };
+            let engine = Rc::new(
+                Engine::new(Backend::Memory, Sizes::default(), ctx.stats.io.clone())
+                    .expect("engine"),
+            );
+            let sock = UdpSocket::bind("127.0.0.1:0").expect("socket");
+            let server = sock.local_addr().expect("address");
+            let (tx, rx) = mpsc::unbounded_channel();
+            let core = Core::new(ctx, engine.clone(), Some((sock, server_cfg)), tx);
+            let quic_sock = core.quic_sock.expect("QUIC socket");
+            drop(guard);
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ck.cert.der().clone()).expect("root");
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![b"h3".to_vec()];
+            let crypto =
+                quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+            let mut client_cfg = ClientConfig::new(Arc::new(crypto));
+            let mut transport = quinn_proto::TransportConfig::default();
+            transport
+                .datagram_receive_buffer_size(Some(64 << 20))
+                .datagram_send_buffer_size(64 << 20)
+                .max_concurrent_bidi_streams(quinn_proto::VarInt::from_u32(flows as u32 + 8));
+            // The client is not what is measured: a window large enough that each call sends
+            // everything it was given at once.
+            let mut cc = quinn_proto::congestion::NewRenoConfig::default();
+            cc.initial_window(64 << 20);
+            transport.congestion_controller_factory(Arc::new(cc));
+            client_cfg.transport_config(Arc::new(transport));
+            let mut client = Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
+            let (cch, conn) = client
+                .connect(Instant::now(), client_cfg, server, "localhost")
+                .expect("connect");
+            let mut b = PassBench {
+                _rt: rt,
+                core,
+                rx,
+                engine,
+                quic_sock,
+                server,
+                client,
+                cch,
+                conn,
+                flows: Vec::new(),
+                sent: Vec::new(),
+                _phase: phase_tx,
+                _live: live_tx,
+                next: 0,
+            };
+            b.settle(|b| !b.conn.is_handshaking());
+            // SETTINGS (with SETTINGS_H3_DATAGRAM), then the requests.
+            let ctrl = b.conn.streams().open(Dir::Uni).expect("uni stream");
+            let _ = b
+                .conn
+                .send_stream(ctrl)
+                .write(&[0x00, 0x04, 0x02, 0x33, 0x01]);
+            let mut ids = Vec::new();
+            for i in 0..flows {
+                let id = b.conn.streams().open(Dir::Bi).expect("bidi stream");
+                let path = format!("/.well-known/masque/udp/192.0.2.1/{}/", 1000 + i);
+                let mut block = BytesMut::new();
+                crate::proto::h3::qpack::encode_field_section(
+                    &[
+                        (b":method", b"CONNECT"),
+                        (b":protocol", b"connect-udp"),
+                        (b":scheme", b"https"),
+                        (b":authority", b"localhost"),
+                        (b":path", path.as_bytes()),
+                        (b"capsule-protocol", b"?1"),
+                    ],
+                    &mut block,
+                );
+                let mut head = BytesMut::new();
+                crate::proto::h3::frame::encode_headers_frame(&block, &mut head);
+                let _ = b.conn.send_stream(id).write(&head);
+                ids.push(id);
+            }
+            b.settle(|b| b.core.flows.len() == flows);
+            assert_eq!(b.core.flows.len(), flows, "every flow opened");
+            for id in b.core.flows.ids() {
+                let e = b.core.flows.get(id).expect("flow");
+                let ClientRef::H3 { stream, .. } = e.client else {
+                    continue;
+                };
+                let sock = b.core.egress[e.target.egress as usize].expect("egress");
+                b.flows.push((stream / 4, e.target.addr, sock));
+            }
+            b.flows.sort_by_key(|f| f.0);
+            b
+        }
+
+        /// Runs passes and feeds the client until `done` or nothing moves.
+        fn settle(&mut self, done: impl Fn(&Self) -> bool) {
+            for _ in 0..2000 {
+                let moved = self.client_out();
+                self.pass();
+                let back = self.client_in();
+                if done(self) && !moved && !back {
+                    return;
+                }
+            }
+        }
+
+        /// The client's packets into the relay's QUIC socket; true if there were any.
+        fn client_out(&mut self) -> bool {
+            let client: SocketAddr = CLIENT.parse().expect("address");
+            let now = Instant::now();
+            let mut any = false;
+            let mut buf = Vec::with_capacity(1500);
+            while let Some(t) = self.conn.poll_transmit(now, 1, &mut buf) {
+                self.engine.inject(self.quic_sock, client, &buf[..t.size]);
+                buf.clear();
+                any = true;
+            }
+            while let Some(ev) = self.conn.poll_endpoint_events() {
+                if let Some(ev) = self.client.handle_event(self.cch, ev) {
+                    self.conn.handle_event(ev);
+                }
+            }
+            any
+        }
+
+        /// What the relay sent the client, into the client; true if there was any.
+        fn client_in(&mut self) -> bool {
+            let now = Instant::now();
+            self.engine.take_transmits(&mut self.sent);
+            let any = !self.sent.is_empty();
+            for t in self.sent.drain(..) {
+                let seg = t.segment.unwrap_or(t.buf.len()).max(1);
+                for d in t.buf.chunks(seg) {
+                    let mut resp = Vec::new();
+                    if let Some(quinn_proto::DatagramEvent::ConnectionEvent(_, ev)) = self
+                        .client
+                        .handle(now, self.server, None, None, d.into(), &mut resp)
+                    {
+                        self.conn.handle_event(ev);
+                    }
+                }
+                self.engine.give_back_tx_buf(t.buf);
+            }
+            self.conn.handle_timeout(now);
+            while self.conn.poll().is_some() {}
+            while self.conn.datagrams().recv().is_some() {}
+            any
+        }
+
+        fn pass(&mut self) -> Duration {
+            let t = Instant::now();
+            self.core.pass(&mut self.rx, t);
+            t.elapsed()
+        }
+
+        /// `n` client datagrams of `size` bytes, spread over the flows (several to a packet
+        /// where they fit), through one timed pass to the targets.
+        pub fn client_to_target(&mut self, n: usize, size: usize) -> Duration {
+            let payload = vec![0x5a; size];
+            for _ in 0..n {
+                let (qsid, _, _) = self.flows[self.next % self.flows.len()];
+                self.next += 1;
+                let mut d = BytesMut::with_capacity(size + 9);
+                crate::proto::varint::write(qsid, &mut d);
+                d.put_u8(0);
+                d.put_slice(&payload);
+                let _ = self.conn.datagrams().send(d.freeze(), false);
+            }
+            self.client_out();
+            let took = self.pass();
+            self.client_in();
+            took
+        }
+
+        /// `n` target datagrams of `size` bytes, spread over the flows, through one timed pass
+        /// to the client.
+        pub fn target_to_client(&mut self, n: usize, size: usize) -> Duration {
+            let payload = vec![0xa5; size];
+            for _ in 0..n {
+                let (_, target, sock) = self.flows[self.next % self.flows.len()];
+                self.next += 1;
+                self.engine.inject(sock, target, &payload);
+            }
+            let took = self.pass();
+            self.client_in();
+            self.client_out();
+            self.pass();
+            self.client_in();
+            took
+        }
+
+        /// Datagrams the relay forwarded to targets and to the client so far.
+        pub fn relayed(&self) -> (u64, u64) {
+            let s = &self.core.ctx.stats;
+            (
+                s.datagrams_for(HttpVersion::Http3, Direction::ToTarget),
+                s.datagrams_for(HttpVersion::Http3, Direction::ToClient),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bench::PassBench;
+
+    #[test]
+    fn the_pass_relays_both_ways_in_memory() {
+        let mut b = PassBench::h3(100);
+        let (t0, c0) = b.relayed();
+        b.client_to_target(64, 1200);
+        let (t1, _) = b.relayed();
+        assert_eq!(t1 - t0, 64, "every client datagram went to its target");
+        b.target_to_client(64, 1200);
+        let (_, c1) = b.relayed();
+        assert_eq!(c1 - c0, 64, "every target datagram went to the client");
+    }
+}

@@ -19,6 +19,8 @@ use crate::transport::{h2, http1, tls};
 
 pub(crate) mod core;
 
+pub use self::core::bench::PassBench;
+
 /// Runs a worker on the current thread until shutdown: accepts TCP connections and serves them.
 pub fn run(
     ctx: WorkerCtx,

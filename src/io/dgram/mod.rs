@@ -50,6 +50,7 @@
 //! flight before the pools are freed (or leaks them, loudly, if the kernel does not answer).
 
 pub mod cmsg;
+pub mod memory;
 mod mmsg;
 pub mod pool;
 mod uring;
@@ -108,6 +109,8 @@ impl std::str::FromStr for Choice {
 pub enum Backend {
     Uring,
     Mmsg,
+    /// No kernel I/O: datagrams injected, sends counted (tests and benchmarks of the pass).
+    Memory,
 }
 
 impl Backend {
@@ -115,6 +118,7 @@ impl Backend {
         match self {
             Backend::Uring => "io_uring",
             Backend::Mmsg => "mmsg",
+            Backend::Memory => "memory",
         }
     }
 }
@@ -690,6 +694,7 @@ fn encode_sockaddr(a: SocketAddr, out: &mut [u8]) -> usize {
 enum Io {
     Uring(uring::Ring),
     Mmsg(mmsg::Poller),
+    Memory(memory::Memory),
 }
 
 struct Inner {
@@ -748,10 +753,12 @@ impl Engine {
         let io = match backend {
             Backend::Uring => Io::Uring(uring::Ring::new(&pools)?),
             Backend::Mmsg => Io::Mmsg(mmsg::Poller::new(&pools)?),
+            Backend::Memory => Io::Memory(memory::Memory::new(&pools)?),
         };
         let fd = match &io {
             Io::Uring(r) => r.fd(),
             Io::Mmsg(p) => p.fd(),
+            Io::Memory(m) => m.fd(),
         };
         // SAFETY: the fd (the ring's or the epoll instance's) is owned by `inner.io`, which
         // the Engine drops after `wait` (field order), so it stays open and the same for the
@@ -836,6 +843,7 @@ impl Engine {
         let r = match &mut inner.io {
             Io::Uring(r) => r.arm(&mut inner.table, idx),
             Io::Mmsg(p) => p.add(&mut inner.table, idx),
+            Io::Memory(_) => Ok(()),
         };
         if let Err(e) = r {
             inner.table.slots.remove(idx as usize);
@@ -877,6 +885,9 @@ impl Engine {
                 p.remove(&inner.table, id.idx);
                 inner.table.slots.remove(id.idx as usize);
             }
+            Io::Memory(_) => {
+                inner.table.slots.remove(id.idx as usize);
+            }
         }
     }
 
@@ -903,6 +914,7 @@ impl Engine {
         let (completions, more) = match &mut inner.io {
             Io::Uring(r) => r.complete(&mut inner.table, &self.pools, &mut inner.tx_bufs),
             Io::Mmsg(p) => p.receive(&mut inner.table, &self.pools),
+            Io::Memory(m) => m.receive(&mut inner.table, &self.pools),
         };
         self.stats.passes.inc();
         self.stats.completions.add(completions as u64);
@@ -1058,6 +1070,12 @@ impl Engine {
                 &mut inner.lens,
                 self.gso,
             ),
+            Io::Memory(m) => m.flush(
+                &mut inner.sendq,
+                &mut inner.table,
+                &mut inner.lens,
+                self.gso,
+            ),
         };
         self.stats.submissions.add(submitted as u64);
         self.publish_free(&inner.io);
@@ -1073,6 +1091,7 @@ impl Engine {
             || match &mut inner.io {
                 Io::Uring(r) => r.pending(&self.pools),
                 Io::Mmsg(p) => p.pending(),
+                Io::Memory(m) => m.pending(),
             }
     }
 
@@ -1080,6 +1099,7 @@ impl Engine {
         let free = match io {
             Io::Uring(r) => r.free(),
             Io::Mmsg(p) => p.free(),
+            Io::Memory(m) => m.free(),
         };
         for g in Group::ALL {
             self.stats.pool_free[g.index()].set(u64::from(free[g.index()]));
@@ -1092,6 +1112,24 @@ impl Engine {
         match &inner.io {
             Io::Uring(r) => r.free(),
             Io::Mmsg(p) => p.free(),
+            Io::Memory(m) => m.free(),
+        }
+    }
+
+    /// In-memory backend only: `data` arrives on `id` from `from` (at the next pass).
+    #[doc(hidden)]
+    pub fn inject(&self, id: SockId, from: SocketAddr, data: &[u8]) {
+        if let Io::Memory(m) = &mut self.inner.borrow_mut().io {
+            m.inject(id.idx, id.gen, from, data);
+        }
+    }
+
+    /// In-memory backend only: the QUIC transmits "sent" so far (give their buffers back with
+    /// [`Engine::give_back_tx_buf`]).
+    #[doc(hidden)]
+    pub fn take_transmits(&self, out: &mut Vec<memory::SentTransmit>) {
+        if let Io::Memory(m) = &mut self.inner.borrow_mut().io {
+            out.append(&mut m.transmits);
         }
     }
 }
@@ -1102,6 +1140,7 @@ fn give_back(io: &mut Io, pools: &[Pool; 2], b: BufRef) -> bool {
     match io {
         Io::Uring(r) => r.give_back(pools, b),
         Io::Mmsg(p) => p.give_back(b),
+        Io::Memory(m) => m.give_back(b),
     }
 }
 
@@ -1134,6 +1173,7 @@ impl Drop for Engine {
                 );
                 true
             }
+            Io::Memory(_) => true,
         };
         if quiet {
             // SAFETY: the kernel holds no buffer of the pools any more (every operation has

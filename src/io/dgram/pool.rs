@@ -86,6 +86,18 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Buffer `bid` for writing (the in-memory backend plays the kernel).
+    ///
+    /// # Safety
+    /// The caller owns the buffer: it is neither queued to the kernel nor borrowed elsewhere.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn buf_mut(&self, bid: u16) -> &mut [u8] {
+        // SAFETY: in bounds (see `addr`); the caller guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.addr(bid), self.buf_size) }
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout. The engine drops its pools only after
