@@ -106,10 +106,12 @@ enum Pair {
     Quarantined(Instant),
 }
 
-/// Per target address: how many flows go there and where the next socket search starts.
+/// Per target address: how many flows go there, how many (socket, address) pairs it holds
+/// (its flows' and its quarantined ones), and where the next socket search starts.
 #[derive(Debug, Default, Clone, Copy)]
 struct Remote {
     flows: u32,
+    held: u32,
     cursor: u32,
 }
 
@@ -222,9 +224,10 @@ impl FlowTable {
     /// Egress sockets that have served nothing for [`EGRESS_IDLE`]: out of the pool, for the
     /// worker to close (their indices may come back through [`FlowTable::add_egress`]).
     pub fn retire(&mut self, now: Instant, out: &mut Vec<u32>) {
+        let before = out.len();
         while let Some(&(since, i)) = self.idle.front() {
             if now < since + EGRESS_IDLE {
-                return;
+                break;
             }
             self.idle.pop_front();
             let Some(e) = self.egress.get_mut(i as usize) else {
@@ -233,8 +236,14 @@ impl FlowTable {
             if e.live && e.idle_since == Some(since) {
                 e.live = false;
                 e.idle_since = None;
-                self.sockets[usize::from(e.ipv6)].retain(|&s| s != i);
                 out.push(i);
+            }
+        }
+        if out.len() > before {
+            // One sweep for all retired sockets (not one per socket).
+            let egress = &self.egress;
+            for socks in &mut self.sockets {
+                socks.retain(|&s| egress.get(s as usize).is_some_and(|e| e.live));
             }
         }
     }
@@ -261,7 +270,13 @@ impl FlowTable {
             return Assign::NeedSocket;
         }
         let remote = self.remotes.get(&target).copied().unwrap_or_default();
-        if remote.flows as usize >= n {
+        // Every socket already carries a flow to the target or quarantines it: no search. The
+        // next search starts at the socket about to be added (sockets are appended), where
+        // the ones this target has not used yet are.
+        if remote.held as usize >= n {
+            if let Some(r) = self.remotes.get_mut(&target) {
+                r.cursor = n as u32;
+            }
             return Assign::NeedSocket;
         }
         for k in 0..n {
@@ -269,7 +284,9 @@ impl FlowTable {
             let s = socks[i];
             if !self.demux.contains_key(&(s, target)) {
                 let r = self.remotes.entry(target).or_default();
-                r.cursor = ((i + 1) % n) as u32;
+                // Not reduced modulo n: if sockets are added meanwhile, the next search starts at
+                // the first of them rather than wrapping to the start.
+                r.cursor = (i + 1) as u32;
                 return Assign::Socket(s);
             }
         }
@@ -308,7 +325,9 @@ impl FlowTable {
         let id = FlowId { idx, gen };
         self.demux
             .insert((target.egress, target.addr), Pair::Flow(id));
-        self.remotes.entry(target.addr).or_default().flows += 1;
+        let r = self.remotes.entry(target.addr).or_default();
+        r.flows += 1;
+        r.held += 1;
         self.load(target.egress, now, true);
         self.timers.insert((deadline, id));
         id
@@ -363,10 +382,11 @@ impl FlowTable {
             if self.demux.get(&(egress, addr)) == Some(&Pair::Quarantined(until)) {
                 self.demux.remove(&(egress, addr));
                 self.load(egress, now, false);
-                if self.remotes.get(&addr).is_some_and(|r| r.flows == 0)
-                    && !self.quarantine.iter().any(|q| q.2 == addr)
-                {
-                    self.remotes.remove(&addr);
+                if let Some(r) = self.remotes.get_mut(&addr) {
+                    r.held = r.held.saturating_sub(1);
+                    if r.held == 0 {
+                        self.remotes.remove(&addr);
+                    }
                 }
             }
         }
@@ -458,6 +478,32 @@ mod tests {
             permit,
             now,
         )
+    }
+
+    #[test]
+    fn sustained_churn_needs_as_many_sockets_as_the_quarantine_holds_and_no_more() {
+        // 50 000 flows/s opened and closed at once, over 64 target ports: each port has
+        // 50 000 / 64 * 2 s = 1 563 pairs in quarantine at any time, so about that many
+        // sockets, and the pool stops growing once the first quarantines end.
+        let mut now = Instant::now();
+        let mut t = FlowTable::new();
+        let port = |i: usize| SocketAddr::new([192, 0, 2, 1].into(), 1000 + (i % 64) as u16);
+        let mut sizes = Vec::new();
+        for round in 0..4 {
+            for i in 0..100_000usize {
+                now += Duration::from_micros(20);
+                let id = open(&mut t, port(i), (round * 100_000 + i) as u64, now);
+                assert_eq!(t.demux(t.get(id).unwrap().target.egress, port(i)), Some(id));
+                t.close(id, now);
+            }
+            sizes.push(t.egress_count(false));
+        }
+        assert!(
+            (1563..=1563 + SPREAD).contains(&sizes[0]),
+            "sockets after 2 s: {sizes:?}"
+        );
+        assert!(sizes.windows(2).all(|w| w[0] == w[1]), "{sizes:?}");
+        assert!(t.is_empty());
     }
 
     #[test]
