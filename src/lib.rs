@@ -1,9 +1,11 @@
 //! masque-relay: a CONNECT-UDP (RFC 9298) relay.
 //!
 //! Modules that do no I/O and read no clock: [`proto`] (codecs and request rules) and [`relay`]
-//! (flow state and target policy). Modules at the I/O edge: [`io`] (sockets; the only `unsafe`),
-//! [`transport`] (QUIC and HTTP/3, TLS, HTTP/2, HTTP/1.1), [`worker`] (threads and their event
-//! loops).
+//! (the flow table, flow state, admission, the HTTP/3 session, target policy). Modules at the
+//! I/O edge: [`io`] (sockets and the datagram engine; the only `unsafe`), [`transport`] (the
+//! QUIC endpoint, TLS, the HTTP/2 and HTTP/1.1 connection tasks), [`worker`] (threads and the
+//! worker pass). Leaves every part may use: [`ctx`] (configuration, phase, the worker's
+//! context), [`counter`], [`config`].
 //! [`Relay::start`] wires them together; `main.rs` adds the command line and signals.
 
 pub mod config;

@@ -1,4 +1,6 @@
-//! Per-core relay logic with no I/O: target policy, flow state, limits.
+//! Per-core relay logic with no I/O: the flow table, the flow state machine, the one admission
+//! pipeline of every protocol, the HTTP/3 session (over quinn-proto, sans-I/O), target policy,
+//! authentication, limits.
 
 pub mod admission;
 pub(crate) mod arena;

@@ -1,6 +1,6 @@
-//! Adapters between the client protocols and the relay: QUIC (quinn-proto driven by the worker)
-//! and HTTP/3, TLS, HTTP/2, HTTP/1.1, the shared flow loop, and opening target sockets. These do
-//! I/O through tokio and `crate::io`.
+//! Adapters between the client protocols and the worker's pass: QUIC (a quinn-proto endpoint
+//! the pass drives; the HTTP/3 session over it is in `relay::h3`), TLS, the HTTP/2 and
+//! HTTP/1.1 connection tasks, the write-stall guard, and target name resolution and choice.
 
 pub mod h2;
 pub mod http1;
