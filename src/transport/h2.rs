@@ -7,12 +7,13 @@
 //! The task reads every flow's request body (capsules) from one set of streams and passes the
 //! chunks on, as they were decrypted (no copy).
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::stream::{SelectAll, Stream, StreamExt};
 use h2::RecvStream;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -24,42 +25,152 @@ use crate::worker::core::{CoreMsg, TcpAnswer, TcpConnId, TcpCtl};
 
 const VERSION: HttpVersion = HttpVersion::Http2;
 
-/// One request body, as a stream of chunks tagged with its stream ID; it ends when the client
-/// ends the stream or the pass drops the flow.
-struct Body {
-    stream: u32,
-    body: Option<RecvStream>,
-}
-
 /// What a body yielded.
 enum Item {
     Chunk(u32, Bytes),
     End(u32, CloseReason),
 }
 
-impl Stream for Body {
-    type Item = Item;
+/// The request bodies of a connection's flows, polled only when `h2` woke them: each body has
+/// its own waker (made once, when the body is added) that queues the body's slot and wakes
+/// the connection task. A chunk costs no allocation (a `SelectAll` allocates a task node for
+/// every item it yields), and a wake-up polls the bodies that have data, not all of them.
+struct Bodies {
+    slots: slab::Slab<BodySlot>,
+    ready: Arc<Ready>,
+}
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        let stream = self.stream;
-        let Some(body) = self.body.as_mut() else {
-            return Poll::Ready(None);
+struct BodySlot {
+    stream: u32,
+    body: RecvStream,
+    state: Arc<BodyWaker>,
+    waker: Waker,
+}
+
+/// Slots whose body was woken, and the connection task to wake.
+#[derive(Default)]
+struct Ready {
+    inner: Mutex<ReadyInner>,
+}
+
+#[derive(Default)]
+struct ReadyInner {
+    queue: VecDeque<usize>,
+    task: Option<Waker>,
+}
+
+/// One body's waker: queues its slot (once until it is polled again).
+struct BodyWaker {
+    slot: usize,
+    queued: AtomicBool,
+    ready: Arc<Ready>,
+}
+
+impl Wake for BodyWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let task = {
+            let mut r = self.ready.inner.lock().unwrap_or_else(|e| e.into_inner());
+            r.queue.push_back(self.slot);
+            r.task.clone()
         };
-        match body.poll_data(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(b))) => {
-                // Capsules are consumed as they arrive (forwarded or dropped by the pass), so
-                // the window reopens at once: flow control never holds back the client.
-                let _ = body.flow_control().release_capacity(b.len());
-                Poll::Ready(Some(Item::Chunk(stream, b)))
-            }
-            Poll::Ready(Some(Err(_))) => {
-                self.body = None;
-                Poll::Ready(Some(Item::End(stream, CloseReason::ClientAbort)))
-            }
-            Poll::Ready(None) => {
-                self.body = None;
-                Poll::Ready(Some(Item::End(stream, CloseReason::ClientEnd)))
+        if let Some(t) = task {
+            t.wake();
+        }
+    }
+}
+
+impl Bodies {
+    fn new() -> Self {
+        Bodies {
+            slots: slab::Slab::new(),
+            ready: Arc::default(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn push(&mut self, stream: u32, body: RecvStream) {
+        let entry = self.slots.vacant_entry();
+        let w = Arc::new(BodyWaker {
+            slot: entry.key(),
+            queued: AtomicBool::new(false),
+            ready: self.ready.clone(),
+        });
+        let waker = Waker::from(w.clone());
+        entry.insert(BodySlot {
+            stream,
+            body,
+            state: w,
+            waker: waker.clone(),
+        });
+        // Polled once at the start, like any new future.
+        waker.wake();
+    }
+
+    /// Stops reading a stream's body.
+    fn remove(&mut self, stream: u32) {
+        if let Some(k) = self
+            .slots
+            .iter()
+            .find_map(|(k, b)| (b.stream == stream).then_some(k))
+        {
+            self.slots.remove(k);
+        }
+    }
+
+    fn next(&mut self) -> impl std::future::Future<Output = Item> + '_ {
+        std::future::poll_fn(move |cx| self.poll_next(cx))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
+        loop {
+            let slot = {
+                let mut r = self.ready.inner.lock().unwrap_or_else(|e| e.into_inner());
+                match r.queue.pop_front() {
+                    Some(k) => k,
+                    None => {
+                        if !r.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                            r.task = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            };
+            // A slot reused since its old waker queued it is simply polled (nothing to read
+            // is a Pending like any other).
+            let Some(b) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            b.state.queued.store(false, Ordering::Release);
+            let stream = b.stream;
+            match b.body.poll_data(&mut Context::from_waker(&b.waker)) {
+                Poll::Pending => continue,
+                Poll::Ready(Some(Ok(data))) => {
+                    // Capsules are consumed as they arrive (forwarded or dropped by the pass),
+                    // so the window reopens at once: flow control never holds back the
+                    // client.
+                    let _ = b.body.flow_control().release_capacity(data.len());
+                    // More may be buffered: the body goes to the back of the queue.
+                    b.waker.wake_by_ref();
+                    return Poll::Ready(Item::Chunk(stream, data));
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    self.slots.remove(slot);
+                    return Poll::Ready(Item::End(stream, CloseReason::ClientAbort));
+                }
+                Poll::Ready(None) => {
+                    self.slots.remove(slot);
+                    return Poll::Ready(Item::End(stream, CloseReason::ClientEnd));
+                }
             }
         }
     }
@@ -118,7 +229,7 @@ where
     let mut h2c = builder.handshake::<_, Bytes>(io).await?;
     let mut phase = ctx.phase.clone();
     let mut draining = false;
-    let mut bodies: SelectAll<Body> = SelectAll::new();
+    let mut bodies = Bodies::new();
     loop {
         tokio::select! {
             () = crate::ctx::reached(&mut phase, crate::ctx::Phase::Drain), if !draining => {
@@ -147,7 +258,7 @@ where
                     capsule_protocol: header("capsule-protocol"),
                     proxy_authorization: header("proxy-authorization"),
                 };
-                bodies.push(Body { stream, body: Some(body) });
+                bodies.push(stream, body);
                 let _ = core.send(CoreMsg::Request {
                     conn,
                     stream,
@@ -156,7 +267,7 @@ where
                     answer: TcpAnswer::H2(respond),
                 });
             }
-            Some(item) = bodies.next(), if !bodies.is_empty() => match item {
+            item = bodies.next(), if !bodies.is_empty() => match item {
                 Item::Chunk(stream, data) => {
                     let _ = core.send(CoreMsg::Chunk { conn, stream, data });
                 }
@@ -166,11 +277,7 @@ where
             },
             Some(TcpCtl::Drop(stream)) = ctl.recv() => {
                 // The relay ended this flow: its body is no longer read.
-                for b in bodies.iter_mut() {
-                    if b.stream == stream {
-                        b.body = None;
-                    }
-                }
+                bodies.remove(stream);
             }
         }
     }
