@@ -1,6 +1,7 @@
 //! The start-up kernel check: is this kernel tuned for what the configuration asks of it?
 //!
-//! A relay at the edge holds one UDP socket per flow and asks for large socket buffers; a stock
+//! A relay at the edge holds thousands of egress UDP sockets (one per flow to the same target)
+//! and asks for large socket buffers; a stock
 //! kernel silently caps the buffers at `net.core.rmem_max`/`wmem_max`, refuses sockets past
 //! `RLIMIT_NOFILE`, and runs out of ephemeral ports at the end of `net.ipv4.ip_local_port_range`.
 //! None of that fails at start; it shows up later as drops or refused flows under load. So at
@@ -165,8 +166,9 @@ pub fn check(kernel: &KernelLimits, needs: &Needs) -> Vec<Warning> {
                 setting: "net.ipv4.ip_local_port_range",
                 current: format!("{lo} {hi} ({} ports)", if lo > hi { 0 } else { ports }),
                 wanted: format!("{} ports", needs.local_ports),
-                consequence: "every flow holds one ephemeral port; new flows fail with \
-                              EADDRINUSE past it (tuning/many-flows.conf)",
+                consequence: "every egress socket holds one ephemeral port (flows to the same \
+                              target need one each); new flows fail with EADDRINUSE past it \
+                              (tuning/many-flows.conf)",
             });
         }
     }
