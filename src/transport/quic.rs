@@ -933,22 +933,19 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_request_becomes_a_flow_whose_datagrams_come_out_as_events() {
-        use crate::proto::h3::{frame, qpack};
-        use crate::relay::h3::{Accepted, Event};
-        use bytes::{BufMut, BytesMut};
-        let mut h = harness();
-        let mut now = Instant::now();
-        let (cch, mut conn) = connect_handle(&mut h, &mut now);
-        // The client's control stream: SETTINGS with SETTINGS_H3_DATAGRAM = 1.
+    /// The client's control stream with SETTINGS_H3_DATAGRAM = 1.
+    fn client_settings(conn: &mut quinn_proto::Connection) {
         let ctrl = conn.streams().open(quinn_proto::Dir::Uni).unwrap();
         conn.send_stream(ctrl)
             .write(&[0x00, 0x04, 0x02, 0x33, 0x01])
             .unwrap();
-        // A CONNECT-UDP request, and a datagram sent before its answer (held, not lost).
+    }
+
+    /// Opens a request stream and writes a CONNECT-UDP request for 192.0.2.7:443 on it.
+    fn client_request(conn: &mut quinn_proto::Connection) -> quinn_proto::StreamId {
+        use crate::proto::h3::{frame, qpack};
         let req = conn.streams().open(quinn_proto::Dir::Bi).unwrap();
-        let mut block = BytesMut::new();
+        let mut block = bytes::BytesMut::new();
         qpack::encode_field_section(
             &[
                 (b":method", b"CONNECT"),
@@ -960,19 +957,84 @@ mod tests {
             ],
             &mut block,
         );
-        let mut head = BytesMut::new();
+        let mut head = bytes::BytesMut::new();
         frame::encode_headers_frame(&block, &mut head);
         conn.send_stream(req).write(&head).unwrap();
+        req
+    }
+
+    /// An HTTP Datagram for request stream `req`: quarter stream ID, context 0, payload.
+    fn h3_datagram(req: quinn_proto::StreamId, payload: &[u8]) -> bytes::Bytes {
+        use bytes::BufMut;
+        let mut d = bytes::BytesMut::new();
+        crate::proto::varint::write(u64::from(VarInt::from(req)) / 4, &mut d);
+        d.put_u8(0);
+        d.put_slice(payload);
+        d.freeze()
+    }
+
+    /// A flow in a table of its own, as the worker would open for an accepted request.
+    fn test_flow(now: Instant) -> (crate::relay::flow_table::FlowTable, FlowId) {
+        let mut table = crate::relay::flow_table::FlowTable::new();
+        table.add_egress(false, 0, now);
+        let flow = table.open(
+            crate::relay::flow::Flow::new(now, Duration::from_secs(120), 1500),
+            crate::relay::flow_table::ClientRef::H3 { conn: 0, stream: 0 },
+            HttpVersion::Http3,
+            crate::relay::flow_table::TargetRef {
+                egress: 0,
+                addr: "192.0.2.7:443".parse().unwrap(),
+            },
+            None,
+            crate::relay::limits::FlowLimiter::new(0, 0)
+                .acquire(None)
+                .unwrap(),
+            now,
+        );
+        (table, flow)
+    }
+
+    /// The request stream's response head and what followed it (DATA frame payloads).
+    fn client_response(
+        conn: &mut quinn_proto::Connection,
+        req: quinn_proto::StreamId,
+    ) -> (Vec<crate::proto::h3::qpack::Field>, Vec<u8>) {
+        use crate::proto::h3::stream::{RequestEvent, RequestStreamReader};
+        let resp = read_all(conn, req);
+        let mut rdr = RequestStreamReader::new(16_384);
+        let mut fields = None;
+        let mut data = Vec::new();
+        rdr.push(&resp, |ev| match ev {
+            RequestEvent::Headers(b) => {
+                fields = Some(crate::proto::h3::qpack::decode_field_section(b, 16_384).unwrap())
+            }
+            RequestEvent::Data(d) => data.extend_from_slice(d),
+            _ => {}
+        })
+        .unwrap();
+        (fields.expect("a response"), data)
+    }
+
+    fn field(fields: &[crate::proto::h3::qpack::Field], name: &[u8]) -> Option<Vec<u8>> {
+        fields
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value.to_vec())
+    }
+
+    #[test]
+    fn a_request_becomes_a_flow_whose_datagrams_come_out_as_events() {
+        use crate::relay::h3::{Accepted, Event};
+        let mut h = harness();
+        let mut now = Instant::now();
+        let (cch, mut conn) = connect_handle(&mut h, &mut now);
+        client_settings(&mut conn);
+        // A CONNECT-UDP request, and a datagram sent before its answer (held, not lost).
+        let req = client_request(&mut conn);
         pump(&mut h, cch, &mut conn, &mut now);
-        let qsid = u64::from(VarInt::from(req)) / 4;
-        let dgram = |payload: &[u8]| {
-            let mut d = BytesMut::new();
-            crate::proto::varint::write(qsid, &mut d);
-            d.put_u8(0);
-            d.put_slice(payload);
-            d.freeze()
-        };
-        conn.datagrams().send(dgram(b"early"), false).unwrap();
+        conn.datagrams()
+            .send(h3_datagram(req, b"early"), false)
+            .unwrap();
         pump(&mut h, cch, &mut conn, &mut now);
         let evs = events(&mut h);
         let request = evs
@@ -993,22 +1055,7 @@ mod tests {
             "held until answered"
         );
         // The worker opens a flow and answers.
-        let mut table = crate::relay::flow_table::FlowTable::new();
-        table.add_egress(false, 0, now);
-        let flow = table.open(
-            crate::relay::flow::Flow::new(now, Duration::from_secs(120), 1500),
-            crate::relay::flow_table::ClientRef::H3 { conn: 0, stream: 0 },
-            HttpVersion::Http3,
-            crate::relay::flow_table::TargetRef {
-                egress: 0,
-                addr: "192.0.2.7:443".parse().unwrap(),
-            },
-            None,
-            crate::relay::limits::FlowLimiter::new(0, 0)
-                .acquire(None)
-                .unwrap(),
-            now,
-        );
+        let (_table, flow) = test_flow(now);
         let ch = *h.driver.conns.keys().next().unwrap();
         let c = h.driver.conns.get_mut(&ch).unwrap();
         assert_eq!(c.session.accept(req, flow), Accepted::Open);
@@ -1027,21 +1074,16 @@ mod tests {
         );
         pump(&mut h, cch, &mut conn, &mut now);
         // The client reads 200 with capsule-protocol.
-        let resp = read_all(&mut conn, req);
-        let mut rdr = crate::proto::h3::stream::RequestStreamReader::new(16_384);
-        let mut fields = None;
-        rdr.push(&resp, |ev| {
-            if let crate::proto::h3::stream::RequestEvent::Headers(b) = ev {
-                fields = Some(qpack::decode_field_section(b, 16_384).unwrap());
-            }
-        })
-        .unwrap();
-        let fields = fields.expect("a response");
-        let get = |n: &[u8]| fields.iter().find(|f| f.name == n).map(|f| f.value.clone());
-        assert_eq!(get(b":status").as_deref(), Some(&b"200"[..]));
-        assert_eq!(get(b"capsule-protocol").as_deref(), Some(&b"?1"[..]));
+        let (fields, _) = client_response(&mut conn, req);
+        assert_eq!(field(&fields, b":status").as_deref(), Some(&b"200"[..]));
+        assert_eq!(
+            field(&fields, b"capsule-protocol").as_deref(),
+            Some(&b"?1"[..])
+        );
         // Datagrams both ways.
-        conn.datagrams().send(dgram(b"to target"), false).unwrap();
+        conn.datagrams()
+            .send(h3_datagram(req, b"to target"), false)
+            .unwrap();
         pump(&mut h, cch, &mut conn, &mut now);
         let evs = events(&mut h);
         assert!(
@@ -1056,7 +1098,7 @@ mod tests {
         h.driver.touch(ch);
         pump(&mut h, cch, &mut conn, &mut now);
         let got = conn.datagrams().recv().expect("a datagram for the client");
-        assert_eq!(&got[..], &dgram(b"to client")[..]);
+        assert_eq!(&got[..], &h3_datagram(req, b"to client")[..]);
         // The client ends its side: the flow ends, and the relay finishes its own.
         conn.send_stream(req).finish().unwrap();
         pump(&mut h, cch, &mut conn, &mut now);
@@ -1068,6 +1110,78 @@ mod tests {
             ),
             "{evs:?}"
         );
+    }
+
+    #[test]
+    fn a_client_that_sends_capsules_is_answered_in_capsules_and_stray_datagrams_are_counted() {
+        use crate::proto::capsule;
+        use crate::proto::h3::frame;
+        use crate::relay::flow::DropReason;
+        use crate::relay::h3::{Accepted, Event};
+        let mut h = harness();
+        let mut now = Instant::now();
+        let (cch, mut conn) = connect_handle(&mut h, &mut now);
+        client_settings(&mut conn);
+        let req = client_request(&mut conn);
+        pump(&mut h, cch, &mut conn, &mut now);
+        assert!(events(&mut h)
+            .iter()
+            .any(|e| matches!(e, Event::Request { stream, .. } if *stream == req)));
+        let (_table, flow) = test_flow(now);
+        let ch = *h.driver.conns.keys().next().unwrap();
+        let c = h.driver.conns.get_mut(&ch).unwrap();
+        assert_eq!(c.session.accept(req, flow), Accepted::Open);
+        h.driver.touch(ch);
+        pump(&mut h, cch, &mut conn, &mut now);
+        // A QUIC datagram for a stream that is no flow (yet: it may be a request still on its
+        // way): held, then dropped and counted once it has waited a second.
+        let stray =
+            quinn_proto::StreamId::new(quinn_proto::Side::Client, quinn_proto::Dir::Bi, 100);
+        let before = h.driver.ctx.stats.drops_for(DropReason::NoFlow);
+        conn.datagrams()
+            .send(h3_datagram(stray, b"nobody's"), false)
+            .unwrap();
+        pump(&mut h, cch, &mut conn, &mut now);
+        assert!(events(&mut h).is_empty());
+        assert_eq!(h.driver.ctx.stats.drops_for(DropReason::NoFlow), before);
+        now += Duration::from_millis(1100);
+        conn.handle_timeout(now);
+        // A DATAGRAM capsule in a DATA frame on the request stream (RFC 9297 §3.5).
+        let mut caps = bytes::BytesMut::new();
+        capsule::encode_datagram_header(0, b"in a capsule".len(), &mut caps);
+        caps.extend_from_slice(b"in a capsule");
+        let mut data = bytes::BytesMut::new();
+        frame::encode_frame_header(frame::DATA, caps.len() as u64, &mut data);
+        data.extend_from_slice(&caps);
+        conn.send_stream(req).write(&data).unwrap();
+        pump(&mut h, cch, &mut conn, &mut now);
+        let evs = events(&mut h);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::Datagram { flow: f, context_id: 0, payload }] if *f == flow && &payload[..] == b"in a capsule"
+            ),
+            "{evs:?}"
+        );
+        assert_eq!(h.driver.ctx.stats.drops_for(DropReason::NoFlow), before + 1);
+        // The answer goes back the way the client speaks: a capsule on the stream, not a
+        // QUIC DATAGRAM frame.
+        let c = h.driver.conns.get_mut(&ch).unwrap();
+        c.session.send_datagram(req, b"back in a capsule").unwrap();
+        h.driver.touch(ch);
+        pump(&mut h, cch, &mut conn, &mut now);
+        assert!(conn.datagrams().recv().is_none());
+        let (fields, data) = client_response(&mut conn, req);
+        assert_eq!(field(&fields, b":status").as_deref(), Some(&b"200"[..]));
+        let mut dec = capsule::CapsuleDecoder::new(65_535);
+        let mut got = Vec::new();
+        dec.decode(&data, |ev| {
+            if let capsule::Event::Datagram { payload, .. } = ev {
+                got.push(payload.to_vec());
+            }
+        })
+        .unwrap();
+        assert_eq!(got, vec![b"back in a capsule".to_vec()]);
     }
 
     #[test]
