@@ -1,6 +1,9 @@
 //! The raw forwarder: the floor of BENCH.md. A plain UDP relay with the relay's shape and none
 //! of its protocol: one front socket for clients, one connected socket to the target per flow,
-//! recvmmsg in and sendmmsg out, no HTTP, no crypto, no GSO/GRO.
+//! recvmmsg in and sendmmsg out, no HTTP, no crypto, no GSO/GRO. A GSO train (an upload client's,
+//! or a target's download burst) arrives on these GRO-less sockets as its separate datagrams and
+//! is forwarded datagram by datagram; the receive buffers hold any UDP datagram (64 KiB), so
+//! nothing is cut short (a datagram that was would be dropped and counted, never forwarded).
 //!
 //! ```text
 //!  client --UDP--> front socket --recvmmsg--> flow table ((client, flow id) -> socket)
@@ -107,6 +110,10 @@ async fn flow_task(shared: Rc<Shared>, sock: Rc<tokio::net::UdpSocket>, client: 
             let mut out = shared.out.borrow_mut();
             let mut spare = shared.spare.borrow_mut();
             for i in 0..n {
+                if scratch.truncated(i) {
+                    shared.totals.borrow_mut().dropped += 1;
+                    continue;
+                }
                 let (d, _) = scratch.datagram(i);
                 let mut b = spare.pop().unwrap_or_default();
                 b.clear();
@@ -170,7 +177,8 @@ pub async fn serve(
             let mut i = 0;
             while i < n {
                 let (d, from) = rx.datagram(i);
-                let Some(from) = from else {
+                let Some(from) = from.filter(|_| !rx.truncated(i)) else {
+                    shared.totals.borrow_mut().dropped += 1;
                     i += 1;
                     continue;
                 };
@@ -178,7 +186,10 @@ pub async fn serve(
                 let mut j = i + 1;
                 while j < n {
                     let (d2, f2) = rx.datagram(j);
-                    if f2 != Some(from) || Header::read(d2).map(|h| h.flow).unwrap_or(0) != key.1 {
+                    if f2 != Some(from)
+                        || rx.truncated(j)
+                        || Header::read(d2).map(|h| h.flow).unwrap_or(0) != key.1
+                    {
                         break;
                     }
                     j += 1;
@@ -270,5 +281,88 @@ mod tests {
         }
         let t = fwd.join().unwrap().unwrap();
         assert_eq!((t.to_target, t.to_client, t.flows), (3, 3, 3));
+    }
+
+    /// An upload client's GSO train (16 x 1200 B in one message) reaches the target whole,
+    /// datagram by datagram; a target's download burst (GSO trains) comes back whole too.
+    #[test]
+    fn forwards_gso_trains_whole() {
+        use crate::mmsg::{GsoTx, Train};
+        use crate::wire::{query_target, DownloadRequest, Kind, DOWNLOAD_REQUEST_LEN};
+        let target = TargetThread::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let front = mmsg::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = front.local_addr().unwrap();
+        let taddr = target.addr;
+        let fwd = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(
+                &rt,
+                serve(front, taddr, Instant::now() + Duration::from_secs(3)),
+            )
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = tokio::net::UdpSocket::from_std(mmsg::connected(addr).unwrap()).unwrap();
+            let payloads: Vec<Vec<u8>> = (0..16u32)
+                .map(|seq| {
+                    let mut p = vec![0u8; 1200];
+                    Header {
+                        kind: Kind::Sink,
+                        measured: true,
+                        tag: 6,
+                        flow: 2,
+                        seq,
+                        sent_ns: 0,
+                    }
+                    .write(&mut p);
+                    p
+                })
+                .collect();
+            let train = Train {
+                datagrams: payloads.iter().map(|p| &p[..]).collect(),
+                to: None,
+            };
+            let mut gso = GsoTx::new(&client);
+            assert_eq!(gso.send(&client, &[train]).unwrap(), 16);
+            // A download request through the forwarder: its burst comes back in full.
+            let mut req = vec![0u8; DOWNLOAD_REQUEST_LEN];
+            Header {
+                kind: Kind::Download,
+                measured: true,
+                tag: 6,
+                flow: 3,
+                seq: 1,
+                sent_ns: 0,
+            }
+            .write(&mut req);
+            DownloadRequest {
+                burst: 20,
+                size: 1200,
+            }
+            .write(&mut req);
+            client.send(&req).await.unwrap();
+            let mut buf = vec![0u8; 65_536];
+            for i in 0..20 {
+                let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+                    .await
+                    .expect("the burst arrives")
+                    .unwrap();
+                assert_eq!(n, 1200);
+                let h = Header::read(&buf[..n]).unwrap();
+                assert_eq!((h.kind, h.flow, h.seq), (Kind::Burst, 3, 20 + i));
+            }
+        });
+        let c = query_target(taddr, 6).unwrap();
+        assert_eq!((c.measured, c.echoed), (17, 20));
+        assert_eq!(c.measured_bytes, 16 * 1200 + DOWNLOAD_REQUEST_LEN as u64);
+        let t = fwd.join().unwrap().unwrap();
+        assert_eq!((t.to_target, t.to_client, t.dropped), (17, 20, 0));
     }
 }

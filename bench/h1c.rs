@@ -55,14 +55,14 @@ pub async fn run(ctx: Rc<Ctx>) -> Result<(), BenchError> {
 
 /// Sends the upgrade request and reads the response head; returns the status and any bytes
 /// that followed the head.
-async fn upgrade<T>(io: &mut T, ctx: &Ctx) -> Result<(u16, Vec<u8>), BenchError>
+async fn upgrade<T>(io: &mut T, ctx: &Ctx, i: usize) -> Result<(u16, Vec<u8>), BenchError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let head = format!(
         "GET {} HTTP/1.1\r\nHost: {}:{}\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\
          Capsule-Protocol: ?1\r\n\r\n",
-        ctx.spec.path(),
+        ctx.spec.path_for(i),
         ctx.spec.server_name,
         ctx.spec.relay.port()
     );
@@ -102,7 +102,7 @@ async fn flow(
     let permit = sem.acquire().await;
     let opened = async {
         let mut io = tls_connect(&ctx, &tls).await?;
-        let (status, rest) = upgrade(&mut io, &ctx).await?;
+        let (status, rest) = upgrade(&mut io, &ctx, i).await?;
         Ok::<_, BenchError>((io, status, rest))
     };
     let r = tokio::time::timeout(ctx.spec.setup_timeout, opened).await;
@@ -180,7 +180,7 @@ async fn flow(
 }
 
 async fn sender(ctx: &Ctx, group: &RefCell<Group>, replies: &Notify) {
-    let size = ctx.spec.size;
+    let size = ctx.spec.payload_size();
     let clen = capsule::datagram_header_len(0, size) + size;
     loop {
         if ctx.stop.get() {

@@ -123,13 +123,9 @@ async fn connection(
         sends: (0..n).map(|_| None).collect(),
     }));
     let replies = Rc::new(Notify::new());
-    let uri = format!(
-        "https://{}:{}{}",
-        ctx.spec.server_name,
-        ctx.spec.relay.port(),
-        ctx.spec.path()
-    );
+    let authority = format!("{}:{}", ctx.spec.server_name, ctx.spec.relay.port());
     for i in 0..n {
+        let uri = format!("https://{authority}{}", ctx.spec.path_for(flows.start + i));
         let req = http::Request::builder()
             .method("CONNECT")
             .uri(&uri)
@@ -233,7 +229,7 @@ async fn flow(
 
 /// Sends what the load allows on the connection's flows until the run stops.
 async fn sender(ctx: &Ctx, group: &RefCell<Group>, replies: &Notify, base: usize) {
-    let size = ctx.spec.size;
+    let size = ctx.spec.payload_size();
     let clen = capsule::datagram_header_len(0, size) + size;
     loop {
         if ctx.stop.get() {

@@ -134,8 +134,8 @@ struct Conn {
     /// A DATAGRAM frame was queued: a later "too large" is the path MTU shrinking, not a
     /// payload that never fits.
     datagram_sent: bool,
-    /// The HEADERS frame every flow sends.
-    request: Bytes,
+    /// The HEADERS frame of each target port (flow i sends that of its port).
+    requests: Rc<Vec<Bytes>>,
 }
 
 impl Conn {
@@ -168,7 +168,7 @@ impl Conn {
             connected: false,
             lost: false,
             datagram_sent: false,
-            request: Bytes::new(),
+            requests: Rc::new(Vec::new()),
         }
     }
 
@@ -252,7 +252,12 @@ impl Conn {
             f.quarter = u64::from(VarInt::from(id)) / 4;
             f.state = FlowState::Requested;
             self.by_stream.insert(id, i);
-            let req = self.request.clone();
+            let n = self.requests.len().max(1);
+            let req = self
+                .requests
+                .get((self.base + i) % n)
+                .cloned()
+                .unwrap_or_default();
             self.out.insert(id, req);
             self.flush(id);
         }
@@ -436,7 +441,7 @@ impl Conn {
             datagram_sent,
             ..
         } = self;
-        let size = ctx.spec.size;
+        let size = ctx.spec.payload_size();
         let mut rec = ctx.rec.borrow_mut();
         let mut fatal = None;
         let mut shrunk = false;
@@ -566,7 +571,11 @@ pub async fn run(ctx: Rc<Ctx>) -> Result<(), BenchError> {
     );
     let cfg = client_config(&ctx)?;
     let authority = format!("{}:{}", spec.server_name, spec.relay.port());
-    let request = connect_udp_request(&authority, &spec.path());
+    let requests: Rc<Vec<Bytes>> = Rc::new(
+        (0..usize::from(spec.target_ports.max(1)))
+            .map(|p| connect_udp_request(&authority, &spec.path_for(p)))
+            .collect(),
+    );
     let mut conns: Vec<Conn> = Vec::new();
     let mut index: HashMap<ConnectionHandle, usize> = HashMap::new();
     let mut to_connect: std::collections::VecDeque<_> = split(spec.flows, spec.connections).into();
@@ -594,7 +603,7 @@ pub async fn run(ctx: Rc<Ctx>) -> Result<(), BenchError> {
                     .map_err(|e| BenchError::Setup(format!("QUIC connect: {e}")))?;
                 index.insert(ch, conns.len());
                 let mut c = Conn::new(ch, conn, &ctx, g);
-                c.request = request.clone();
+                c.requests = requests.clone();
                 conns.push(c);
                 handshaking += 1;
                 busy = true;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::wire::{Header, Kind, HEADER_LEN};
+use crate::wire::{DownloadRequest, Header, Kind, HEADER_LEN};
 
 /// The phases of a run, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -89,10 +89,13 @@ pub enum Shape {
         inflight: u32,
         loss_timeout: Duration,
     },
-    /// Open loop: this many datagrams per second for the whole group, round-robin over flows.
-    Rate { per_sec: f64 },
-    /// As fast as the transport takes them (one-way mode without a rate).
-    Unlimited,
+    /// Open loop: this many datagrams per second for the whole group, round-robin over flows,
+    /// `burst` datagrams of a flow back to back before the next flow's turn (1 but in upload
+    /// runs).
+    Rate { per_sec: f64, burst: u32 },
+    /// As fast as the transport takes them (one-way and upload runs without a rate), `burst`
+    /// datagrams of a flow back to back as in [`Shape::Rate`].
+    Unlimited { burst: u32 },
 }
 
 /// The default of [`Shape::Closed`]'s `loss_timeout` (`--loss-timeout-ms`): about ten times
@@ -131,6 +134,8 @@ pub struct Load {
     /// Open loop: open flows, for round-robin.
     open: Vec<u32>,
     rr: usize,
+    /// Open loop: datagrams the flow whose turn it is has sent of its burst.
+    burst_sent: u32,
     tokens: f64,
     last: Option<Instant>,
     /// Closed loop: datagrams in flight over all flows, when the last scan for lost ones ran,
@@ -156,6 +161,7 @@ impl Load {
             ready: VecDeque::new(),
             open: Vec::new(),
             rr: 0,
+            burst_sent: 0,
             tokens: 0.0,
             last: None,
             in_flight: 0,
@@ -288,7 +294,7 @@ impl Load {
                     }
                 }
             }
-            Shape::Rate { per_sec } => {
+            Shape::Rate { per_sec, burst } => {
                 if self.open.is_empty() {
                     self.last = Some(now);
                     return 0;
@@ -304,26 +310,28 @@ impl Load {
                 let mut refused = 0;
                 while sent < budget && self.tokens >= 1.0 && refused < self.open.len() {
                     let i = self.open[self.rr % self.open.len()] as usize;
-                    self.rr = self.rr.wrapping_add(1);
                     if !send(i) {
+                        self.next_turn();
                         refused += 1;
                         continue;
                     }
+                    self.sent_in_turn(burst);
                     refused = 0;
                     self.tokens -= 1.0;
                     sent += 1;
                 }
             }
-            Shape::Unlimited => {
+            Shape::Unlimited { burst } => {
                 // As for Rate: a refusing flow is skipped; a full round of refusals ends the poll.
                 let mut refused = 0;
                 while sent < budget && refused < self.open.len() {
                     let i = self.open[self.rr % self.open.len()] as usize;
-                    self.rr = self.rr.wrapping_add(1);
                     if !send(i) {
+                        self.next_turn();
                         refused += 1;
                         continue;
                     }
+                    self.sent_in_turn(burst);
                     refused = 0;
                     sent += 1;
                 }
@@ -332,10 +340,24 @@ impl Load {
         sent
     }
 
+    /// Open loop: the next flow's turn (a refusing flow's burst is cut short).
+    fn next_turn(&mut self) {
+        self.rr = self.rr.wrapping_add(1);
+        self.burst_sent = 0;
+    }
+
+    /// Open loop: the flow whose turn it is sent one more of its `burst`.
+    fn sent_in_turn(&mut self, burst: u32) {
+        self.burst_sent += 1;
+        if self.burst_sent >= burst.max(1) {
+            self.next_turn();
+        }
+    }
+
     /// When the group next has something to send, if it is waiting on time alone.
     pub fn next_send(&self, now: Instant) -> Option<Instant> {
         match self.shape {
-            Shape::Rate { per_sec } if !self.open.is_empty() && per_sec > 0.0 => {
+            Shape::Rate { per_sec, .. } if !self.open.is_empty() && per_sec > 0.0 => {
                 let need = (1.0 - self.tokens).max(0.0) / per_sec;
                 // At least 100 us apart: sends are batched rather than paced one by one.
                 Some(now + Duration::from_secs_f64(need).max(Duration::from_micros(100)))
@@ -344,7 +366,7 @@ impl Load {
             Shape::Closed { loss_timeout, .. } if self.in_flight > 0 => {
                 Some(now + (loss_timeout / 4).max(Duration::from_millis(1)))
             }
-            Shape::Unlimited if !self.open.is_empty() => Some(now),
+            Shape::Unlimited { .. } if !self.open.is_empty() => Some(now),
             _ => None,
         }
     }
@@ -354,7 +376,7 @@ impl Load {
         match self.shape {
             Shape::Closed { .. } => !self.ready.is_empty(),
             Shape::Rate { .. } => !self.open.is_empty() && self.tokens >= 1.0,
-            Shape::Unlimited => !self.open.is_empty(),
+            Shape::Unlimited { .. } => !self.open.is_empty(),
         }
     }
 
@@ -389,13 +411,31 @@ impl Load {
     }
 }
 
+/// Download runs: how far the burst a flow is receiving has come.
+#[derive(Debug, Clone, Copy, Default)]
+struct BurstProgress {
+    seen: bool,
+    /// The burst's request: its datagrams' sequence / B.
+    id: u32,
+    got: u32,
+    done: bool,
+}
+
+/// Flows whose bursts are followed one by one; a flow ID beyond it (not one of this client's)
+/// completes a request on a burst's last datagram alone.
+const MAX_TRACKED_FLOWS: usize = 1 << 22;
+
 /// Counts and round-trip times of one run, on the client side.
 #[derive(Debug)]
 pub struct Recorder {
     pub clock: Clock,
     pub tag: u32,
+    /// What the client's payloads ask of the target.
     pub kind: Kind,
+    /// Bytes of each payload the client sends (a download request, not its answer).
     pub size: usize,
+    /// Download runs: the burst each request asks for.
+    pub download: Option<DownloadRequest>,
     /// Measured datagrams handed to the transport, and their payload bytes.
     pub sent: u64,
     pub sent_bytes: u64,
@@ -412,9 +452,12 @@ pub struct Recorder {
     pub timed_out: u64,
     /// Payloads that came back but were not ours, or not of this run.
     pub foreign: u64,
-    /// Round-trip times in nanoseconds (measured datagrams only).
+    /// Round-trip times in nanoseconds (measured datagrams only); in download runs, request to
+    /// the arrival of each datagram of its burst.
     pub rtt: Histogram<u64>,
     seq: u32,
+    /// Download runs: per flow ID.
+    bursts: Vec<BurstProgress>,
 }
 
 impl Recorder {
@@ -424,6 +467,7 @@ impl Recorder {
             tag,
             kind,
             size: size.max(HEADER_LEN),
+            download: None,
             sent: 0,
             sent_bytes: 0,
             received: 0,
@@ -435,7 +479,14 @@ impl Recorder {
             foreign: 0,
             rtt: new_histogram(),
             seq: 0,
+            bursts: Vec::new(),
         }
+    }
+
+    /// A download run's recorder: each request asks for `req`.
+    pub fn with_download(mut self, req: DownloadRequest) -> Self {
+        self.download = Some(req);
+        self
     }
 
     /// True while sending is allowed.
@@ -457,6 +508,9 @@ impl Recorder {
             sent_ns: self.clock.ns(now),
         }
         .write(buf);
+        if let Some(d) = &self.download {
+            d.write(buf);
+        }
         self.sent_all += 1;
         if measured {
             self.sent += 1;
@@ -474,26 +528,65 @@ impl Recorder {
         }
     }
 
-    /// A payload came back; returns its flow if it is one of ours.
+    /// A payload came back. Returns its flow when it answers a request in full, so the flow
+    /// may send again: an echo does on its own; a burst datagram when it is the last of its
+    /// burst, or completes the count. `None` for anything else (counted as foreign when it is
+    /// not ours).
     pub fn on_receive(&mut self, now: Instant, payload: &[u8]) -> Option<u32> {
+        let want = if self.download.is_some() {
+            Kind::Burst
+        } else {
+            Kind::Echo
+        };
         let h = match Header::read(payload) {
-            Some(h) if h.tag == self.tag && h.kind == Kind::Echo => h,
+            Some(h) if h.tag == self.tag && h.kind == want => h,
             _ => {
                 self.foreign += 1;
                 return None;
             }
         };
-        if self.clock.phase(now) == Phase::Done {
-            return Some(h.flow);
+        if self.clock.phase(now) != Phase::Done {
+            self.received_all += 1;
+            if h.measured {
+                self.received += 1;
+                self.received_bytes += payload.len() as u64;
+                let rtt = self.clock.ns(now).saturating_sub(h.sent_ns).max(1);
+                let _ = self.rtt.record(rtt);
+            }
         }
-        self.received_all += 1;
-        if h.measured {
-            self.received += 1;
-            self.received_bytes += payload.len() as u64;
-            let rtt = self.clock.ns(now).saturating_sub(h.sent_ns).max(1);
-            let _ = self.rtt.record(rtt);
+        match self.download {
+            Some(d) => self.burst_done(h.flow, h.seq, d.burst).then_some(h.flow),
+            None => Some(h.flow),
         }
-        Some(h.flow)
+    }
+
+    /// Download runs: a datagram of flow `flow` with sequence `seq` arrived; true when it
+    /// completes its burst (its last datagram, or the burst's count reached).
+    fn burst_done(&mut self, flow: u32, seq: u32, burst: u16) -> bool {
+        let b = u32::from(burst.max(1));
+        let (id, last) = (seq / b, seq % b == b - 1);
+        let f = flow as usize;
+        if f >= MAX_TRACKED_FLOWS {
+            return last;
+        }
+        if self.bursts.len() <= f {
+            self.bursts.resize(f + 1, BurstProgress::default());
+        }
+        let p = &mut self.bursts[f];
+        if !p.seen || p.id != id {
+            *p = BurstProgress {
+                seen: true,
+                id,
+                got: 0,
+                done: false,
+            };
+        }
+        p.got += 1;
+        if !p.done && (last || p.got >= b) {
+            p.done = true;
+            return true;
+        }
+        false
     }
 
     /// Adds another recorder's counts (clients with several threads).
@@ -581,7 +674,14 @@ mod tests {
         // HTTP/2: a stream with no flow-control credit must not hold back the others (they
         // may hold the connection credit it waits for).
         let now = Instant::now();
-        for shape in [Shape::Unlimited, Shape::Rate { per_sec: 1e9 }, closed(2)] {
+        for shape in [
+            Shape::Unlimited { burst: 1 },
+            Shape::Rate {
+                per_sec: 1e9,
+                burst: 1,
+            },
+            closed(2),
+        ] {
             let mut l = Load::new(shape, 3);
             for f in 0..3 {
                 l.open_flow(f, now);
@@ -699,7 +799,13 @@ mod tests {
     #[test]
     fn rate_is_spread_round_robin() {
         let now = Instant::now();
-        let mut l = Load::new(Shape::Rate { per_sec: 1000.0 }, 3);
+        let mut l = Load::new(
+            Shape::Rate {
+                per_sec: 1000.0,
+                burst: 1,
+            },
+            3,
+        );
         for i in 0..3 {
             l.open_flow(i, now);
         }
@@ -713,6 +819,111 @@ mod tests {
         assert_eq!(sent, vec![0, 1, 2, 0, 1, 2]);
         // Banked tokens are capped at 10 ms of rate.
         assert_eq!(l.poll(now + Duration::from_secs(5), 100, |_| true), 10);
+    }
+
+    /// Upload: each flow's turn is a burst of datagrams back to back; a refusing flow's burst is
+    /// cut short and the next flow goes on.
+    #[test]
+    fn upload_bursts_go_back_to_back() {
+        let now = Instant::now();
+        let mut l = Load::new(Shape::Unlimited { burst: 3 }, 2);
+        l.open_flow(0, now);
+        l.open_flow(1, now);
+        let mut sent = Vec::new();
+        l.poll(now, 8, |f| {
+            sent.push(f);
+            true
+        });
+        assert_eq!(sent, vec![0, 0, 0, 1, 1, 1, 0, 0]);
+        // Flow 0 finishes its turn in the next poll.
+        let mut sent = Vec::new();
+        l.poll(now, 4, |f| {
+            sent.push(f);
+            true
+        });
+        assert_eq!(sent, vec![0, 1, 1, 1]);
+        // Flow 0 refuses after one datagram: flow 1 takes over.
+        let mut sent = Vec::new();
+        let mut zero = 0;
+        l.poll(now, 5, |f| {
+            if f == 0 {
+                zero += 1;
+                if zero > 1 {
+                    return false;
+                }
+            }
+            sent.push(f);
+            true
+        });
+        assert_eq!(sent, vec![0, 1, 1, 1, 1]);
+    }
+
+    fn burst_payload(tag: u32, flow: u32, seq: u32, measured: bool) -> Vec<u8> {
+        let mut b = vec![0u8; 100];
+        Header {
+            kind: Kind::Burst,
+            measured,
+            tag,
+            flow,
+            seq,
+            sent_ns: 1,
+        }
+        .write(&mut b);
+        b
+    }
+
+    /// Download: a request is answered when its burst's last datagram arrives (or all of them
+    /// did), once; every measured datagram of the burst is counted.
+    #[test]
+    fn a_download_request_completes_with_its_burst() {
+        let (clock, t) = clock_in_measure();
+        let req = DownloadRequest {
+            burst: 4,
+            size: 100,
+        };
+        let mut r = Recorder::new(clock, 7, Kind::Download, crate::wire::DOWNLOAD_REQUEST_LEN)
+            .with_download(req);
+        let mut buf = vec![0u8; crate::wire::DOWNLOAD_REQUEST_LEN];
+        r.fill(t, 3, &mut buf);
+        assert_eq!(Header::read(&buf).unwrap().kind, Kind::Download);
+        assert_eq!(DownloadRequest::read(&buf), Some(req));
+        let seq = Header::read(&buf).unwrap().seq;
+        let got: Vec<Option<u32>> = (0..4)
+            .map(|i| {
+                let p = burst_payload(7, 3, crate::wire::burst_seq(seq, 4, i), true);
+                r.on_receive(t, &p)
+            })
+            .collect();
+        assert_eq!(got, vec![None, None, None, Some(3)]);
+        assert_eq!((r.received, r.received_bytes, r.foreign), (4, 400, 0));
+        // The next burst loses its second datagram: the last one still completes it.
+        let next = crate::wire::burst_seq(seq + 1, 4, 0);
+        for i in [0, 2] {
+            assert_eq!(r.on_receive(t, &burst_payload(7, 3, next + i, true)), None);
+        }
+        assert_eq!(
+            r.on_receive(t, &burst_payload(7, 3, next + 3, true)),
+            Some(3)
+        );
+        // A duplicate of the last does not answer twice; an echo is not ours in a download run.
+        assert_eq!(r.on_receive(t, &burst_payload(7, 3, next + 3, true)), None);
+        let mut echo = burst_payload(7, 3, 1, true);
+        echo[4] = Kind::Echo as u8;
+        assert_eq!(r.on_receive(t, &echo), None);
+        assert_eq!(r.foreign, 1);
+        // Reordered: the last arrives first, then the others; the count completes nothing more.
+        let third = crate::wire::burst_seq(seq + 2, 4, 0);
+        assert_eq!(
+            r.on_receive(t, &burst_payload(7, 3, third + 3, false)),
+            Some(3)
+        );
+        for i in 0..3 {
+            assert_eq!(
+                r.on_receive(t, &burst_payload(7, 3, third + i, false)),
+                None
+            );
+        }
+        assert_eq!(r.received, 8);
     }
 
     #[test]

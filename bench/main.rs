@@ -66,10 +66,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// A UDP echo and sink target; prints what it receives each second.
+    /// A UDP echo, sink and download target; prints what it receives each second.
     Target {
         #[arg(long, default_value = "127.0.0.1:5353")]
         listen: SocketAddr,
+        /// Listen on this many consecutive ports from --listen's (one thread serves them all);
+        /// with port 0, a free range is picked.
+        #[arg(long, default_value_t = 1)]
+        ports: u16,
         /// Exit after this many seconds (0 = until interrupted).
         #[arg(long, default_value_t = 0)]
         duration: u64,
@@ -119,9 +123,20 @@ pub struct LoadArgs {
     target: Option<SocketAddr>,
     #[arg(long, value_enum, default_value = "h3")]
     protocol: Protocol,
-    /// UDP payload bytes (at least 24, the bench header).
+    /// UDP payload bytes (at least 24, the bench header); in download runs, of each datagram
+    /// the target sends.
     #[arg(long, default_value_t = 1200)]
     size: usize,
+    /// Download and upload runs: datagrams per burst (the target's GSO train per request, or
+    /// what a flow sends back to back).
+    #[arg(long, default_value_t = 16)]
+    burst: u16,
+    /// Spread the flows over this many consecutive target ports (flow i to port
+    /// base + i % N): the in-process target listens on all of them, an external one
+    /// (`--target`) must too (`masque-bench target --ports N`). The direct and raw-forward
+    /// baselines use the first port only.
+    #[arg(long, default_value_t = 1)]
+    target_ports: u16,
     #[arg(long, default_value_t = 1)]
     flows: usize,
     /// Connections the flows are spread over (0: one per 100 flows; HTTP/1.1 always uses one
@@ -137,7 +152,8 @@ pub struct LoadArgs {
     /// Datagrams per second over all flows; 0: closed loop (echo) or as fast as possible.
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// Closed loop: datagrams in flight per flow.
+    /// Closed loop: datagrams in flight per flow (download runs: requests, each answered by a
+    /// burst).
     #[arg(long, default_value_t = 1)]
     inflight: u32,
     /// Closed loop: milliseconds after which an unanswered datagram counts as lost and a
@@ -205,8 +221,14 @@ impl LoadArgs {
             target,
             server_name: self.server_name.clone(),
             size: self.size,
+            burst: self.burst,
             flows: self.flows,
             connections: self.connections(),
+            target_ports: if self.protocol == Protocol::Udp {
+                1
+            } else {
+                self.target_ports.max(1)
+            },
             duration: Duration::from_secs_f64(self.duration.max(0.1)),
             warmup: Duration::from_secs_f64(self.warmup.max(0.0)),
             rate: self.rate,
@@ -282,8 +304,9 @@ fn target_for(a: &LoadArgs) -> Result<(SocketAddr, Option<target::TargetThread>)
     match a.target {
         Some(t) => Ok((t, None)),
         None => {
-            let t = target::TargetThread::start(
+            let t = target::TargetThread::start_ports(
                 "127.0.0.1:0".parse().expect("literal"),
+                a.target_ports.max(1),
                 Some(a.client_core),
             )?;
             Ok((t.addr, Some(t)))
@@ -398,11 +421,20 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Target {
             listen,
+            ports,
             duration,
             quiet,
         } => (|| {
-            let sock = mmsg::bind(listen)?;
-            eprintln!("masque-bench target on {}", sock.local_addr()?);
+            let socks = target::bind_ports(listen, ports)?;
+            eprintln!(
+                "masque-bench target on {}{}",
+                socks[0].local_addr()?,
+                if socks.len() > 1 {
+                    format!(" and the {} ports after it", socks.len() - 1)
+                } else {
+                    String::new()
+                }
+            );
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -410,7 +442,7 @@ fn main() -> ExitCode {
             let until = (duration > 0).then(|| Instant::now() + Duration::from_secs(duration));
             let s = stop.clone();
             let totals = rt.block_on(async move {
-                let serve = target::serve(sock, s.clone(), until, !quiet);
+                let serve = target::serve(socks, s.clone(), until, !quiet);
                 tokio::pin!(serve);
                 tokio::select! {
                     r = &mut serve => r,

@@ -1,19 +1,32 @@
 //! Batched UDP for the target, the raw forwarder and the plain UDP client: recvmmsg and sendmmsg
 //! (through nix, so no `unsafe` here) on a non-blocking socket registered with the thread's tokio
-//! reactor. No GSO or GRO: this is the plain forwarder of BENCH.md.
+//! reactor. No GRO anywhere, and no GSO in the raw forwarder (the plain forwarder of BENCH.md);
+//! [`GsoTx`] sends UDP GSO trains (`UDP_SEGMENT`) for the target's download bursts and the UDP
+//! client's upload bursts.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::socket::{
-    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+    getsockopt, recvmmsg, sendmmsg, sockopt, ControlMessage, MsgFlags, MultiHeaders,
+    SockaddrStorage,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 
 /// Datagrams per recvmmsg / sendmmsg call.
 pub const BATCH: usize = 64;
+/// Segments in one GSO message at most (the kernel's UDP_MAX_SEGMENTS on older kernels).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes in one GSO message at most: under the 65,507-byte UDP limit, with room to spare.
+pub const GSO_MAX_BYTES: usize = 65_000;
+
+/// Segments of `size` bytes in one GSO message.
+pub fn gso_segments(size: usize) -> usize {
+    (GSO_MAX_BYTES / size.max(1)).clamp(1, GSO_MAX_SEGMENTS)
+}
 
 /// Binds a non-blocking UDP socket with large buffers (the kernel caps them at
 /// net.core.rmem_max / wmem_max).
@@ -57,6 +70,8 @@ pub struct RxBatch {
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
     addrs: Vec<Option<SocketAddr>>,
+    /// The datagram did not fit its buffer (MSG_TRUNC): what [`RxBatch::datagram`] gives is cut.
+    truncated: Vec<bool>,
 }
 
 impl std::fmt::Debug for RxBatch {
@@ -75,6 +90,7 @@ impl RxBatch {
             bufs: vec![vec![0u8; buf_len]; BATCH],
             lens: vec![0; BATCH],
             addrs: vec![None; BATCH],
+            truncated: vec![false; BATCH],
         }
     }
 
@@ -86,6 +102,7 @@ impl RxBatch {
             bufs,
             lens,
             addrs,
+            truncated,
         } = self;
         let fd = io.as_raw_fd();
         let r = io.try_io(Interest::READABLE, || {
@@ -99,6 +116,7 @@ impl RxBatch {
             for (i, m) in results.enumerate() {
                 lens[i] = m.bytes;
                 addrs[i] = m.address.as_ref().and_then(to_std);
+                truncated[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
                 n = i + 1;
             }
             Ok(n)
@@ -113,6 +131,11 @@ impl RxBatch {
     /// Datagram `i` of the last batch and where it came from.
     pub fn datagram(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
         (&self.bufs[i][..self.lens[i]], self.addrs[i])
+    }
+
+    /// Datagram `i` of the last batch was longer than its buffer (and is cut short).
+    pub fn truncated(&self, i: usize) -> bool {
+        self.truncated[i]
     }
 }
 
@@ -183,6 +206,142 @@ impl TxBatch {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// One GSO message: datagrams for one destination, all of the same size but the last (which may
+/// be shorter), sent as one train (`UDP_SEGMENT`).
+#[derive(Debug, Clone)]
+pub struct Train<'a> {
+    pub datagrams: Vec<&'a [u8]>,
+    /// `None` on a connected socket.
+    pub to: Option<SocketAddr>,
+}
+
+impl Train<'_> {
+    /// The segment size, when the train can go as one GSO message.
+    fn segment(&self) -> Option<usize> {
+        let seg = self.datagrams.first()?.len();
+        let (last, rest) = self.datagrams.split_last()?;
+        let total: usize = self.datagrams.iter().map(|d| d.len()).sum();
+        (seg > 0
+            && seg <= usize::from(u16::MAX)
+            && self.datagrams.len() <= GSO_MAX_SEGMENTS
+            && total <= GSO_MAX_BYTES.max(seg)
+            && last.len() <= seg
+            && rest.iter().all(|d| d.len() == seg))
+        .then_some(seg)
+    }
+}
+
+/// Said once per process: GSO was refused and datagrams go one by one.
+static GSO_REFUSAL_SAID: AtomicBool = AtomicBool::new(false);
+
+/// Whether the kernel knows `UDP_SEGMENT` on this socket.
+pub fn gso_supported(io: &tokio::net::UdpSocket) -> bool {
+    getsockopt(io, sockopt::UdpGsoSegment).is_ok()
+}
+
+/// Sends UDP GSO trains with sendmmsg: one message (and one `UDP_SEGMENT` control message) per
+/// train. Where the kernel refuses GSO, says so once on standard error and sends the datagrams
+/// one by one from then on (plain sendmmsg).
+pub struct GsoTx {
+    headers: MultiHeaders<SockaddrStorage>,
+    plain: TxBatch,
+    enabled: bool,
+}
+
+impl std::fmt::Debug for GsoTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GsoTx")
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GsoTx {
+    /// For sockets like `io`: GSO on when the kernel knows `UDP_SEGMENT`.
+    pub fn new(io: &tokio::net::UdpSocket) -> Self {
+        let enabled = gso_supported(io);
+        if !enabled {
+            refused("UDP_SEGMENT is not supported");
+        }
+        GsoTx {
+            headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(u16))),
+            plain: TxBatch::default(),
+            enabled,
+        }
+    }
+
+    /// Sends a prefix of `trains` on `io`: up to [`BATCH`] trains of one segment size with GSO,
+    /// else up to [`BATCH`] datagrams one by one. Returns how many datagrams the kernel took,
+    /// counted in order over the trains (with GSO a train goes whole or not at all); 0 when its
+    /// buffer is full. Other errors are returned, as by [`TxBatch::send`].
+    pub fn send(&mut self, io: &tokio::net::UdpSocket, trains: &[Train<'_>]) -> io::Result<usize> {
+        let Some(first) = trains.first() else {
+            return Ok(0);
+        };
+        if self.enabled {
+            if let Some(seg) = first.segment() {
+                let n = trains
+                    .iter()
+                    .take(BATCH)
+                    .take_while(|t| t.segment() == Some(seg))
+                    .count();
+                let slices: Vec<Vec<IoSlice<'_>>> = trains[..n]
+                    .iter()
+                    .map(|t| t.datagrams.iter().map(|d| IoSlice::new(d)).collect())
+                    .collect();
+                let addrs: Vec<Option<SockaddrStorage>> = trains[..n]
+                    .iter()
+                    .map(|t| t.to.map(SockaddrStorage::from))
+                    .collect();
+                let seg16 = seg as u16;
+                let cmsgs = [ControlMessage::UdpGsoSegments(&seg16)];
+                let r = sendmmsg(
+                    io.as_raw_fd(),
+                    &mut self.headers,
+                    slices.iter(),
+                    &addrs,
+                    cmsgs,
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map(|res| res.count())
+                .map_err(io::Error::from);
+                match r {
+                    Ok(k) => return Ok(trains[..k].iter().map(|t| t.datagrams.len()).sum()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        clear_writable(io);
+                        return Ok(0);
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(0),
+                    // No checksum offload on the route (EIO), no GSO in this kernel or on this
+                    // socket: plain sends from now on.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                        ) =>
+                    {
+                        self.enabled = false;
+                        refused(&e.to_string());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let msgs: Vec<(&[u8], Option<SocketAddr>)> = trains
+            .iter()
+            .flat_map(|t| t.datagrams.iter().map(move |d| (*d, t.to)))
+            .take(BATCH)
+            .collect();
+        self.plain.send(io, &msgs)
+    }
+}
+
+fn refused(why: &str) {
+    if !GSO_REFUSAL_SAID.swap(true, Ordering::Relaxed) {
+        eprintln!("masque-bench: UDP GSO refused ({why}): sending datagrams one by one instead");
     }
 }
 
@@ -260,6 +419,56 @@ mod tests {
             assert_eq!(to_std(&SockaddrStorage::from(a)), Some(a));
             assert!(sockaddr_len(a) >= 16);
         }
+    }
+
+    #[test]
+    fn gso_trains_stay_under_the_limits() {
+        assert_eq!(gso_segments(1200), 54);
+        assert_eq!(gso_segments(64), 64);
+        assert_eq!(gso_segments(65_000), 1);
+        assert_eq!(gso_segments(0), 64);
+        let (a, b) = ([0u8; 100], [0u8; 40]);
+        let (a, b) = (&a[..], &b[..]);
+        let t = |datagrams: Vec<&[u8]>| {
+            Train {
+                datagrams,
+                to: None,
+            }
+            .segment()
+        };
+        assert_eq!(t(vec![a, a, b]), Some(100));
+        assert_eq!(t(vec![a, b, a]), None);
+        assert_eq!(t(vec![b, a]), None);
+        assert_eq!(t(vec![a; 65]), None);
+        assert_eq!(t(vec![]), None);
+    }
+
+    /// A train of five segments leaves as one GSO message (or one by one where the kernel has no
+    /// GSO) and arrives as five datagrams on a socket without GRO, in order.
+    #[tokio::test]
+    async fn a_gso_train_arrives_as_its_segments() {
+        let a = MmsgSocket::new(bind("127.0.0.1:0".parse().unwrap()).unwrap(), 2048).unwrap();
+        let mut b = MmsgSocket::new(bind("127.0.0.1:0".parse().unwrap()).unwrap(), 2048).unwrap();
+        let to = Some(b.local_addr().unwrap());
+        let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 300]).collect();
+        let tail = vec![9u8; 120];
+        let mut datagrams: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+        datagrams.push(&tail);
+        let mut gso = GsoTx::new(&a.io);
+        let trains = [Train { datagrams, to }];
+        assert_eq!(gso.send(&a.io, &trains).unwrap(), 6);
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            b.readable().await;
+            let n = b.try_recv().unwrap();
+            for i in 0..n {
+                assert!(!b.rx.truncated(i));
+                got.push(b.datagram(i).0.to_vec());
+            }
+        }
+        let mut want = payloads.clone();
+        want.push(tail);
+        assert_eq!(got, want);
     }
 
     #[tokio::test]

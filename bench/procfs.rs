@@ -13,6 +13,8 @@ pub struct ProcSample {
     pub cpu_ns: u64,
     /// Resident set size in KiB.
     pub rss_kib: u64,
+    /// Open file descriptors (entries of `/proc/<pid>/fd`), when readable.
+    pub fds: Option<u64>,
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times.
@@ -55,10 +57,14 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
     let ticks = parse_stat_ticks(&stat)?;
+    let fds = std::fs::read_dir(format!("{dir}/fd"))
+        .ok()
+        .map(|d| d.count() as u64);
     Some(ProcSample {
         at: Instant::now(),
         cpu_ns: ticks * 1_000_000_000 / ticks_per_sec(),
         rss_kib: parse_status_rss(&status).unwrap_or(0),
+        fds,
     })
 }
 
@@ -77,6 +83,8 @@ pub struct RelayMetrics {
     pub io_send_messages: f64,
     /// `masque_relay_buffer_pool_free`, both pools, every worker (a gauge).
     pub buffer_pool_free: f64,
+    /// `masque_relay_egress_sockets`, every worker (a gauge); `None` when the relay has none.
+    pub egress_sockets: Option<f64>,
     /// The `backend` label of `masque_relay_io_backend_info` (`io_uring`, `mmsg`; `mixed` when
     /// workers differ), once a worker has set it.
     pub io_backend: Option<&'static str>,
@@ -123,6 +131,9 @@ pub fn parse_metrics(text: &str) -> RelayMetrics {
             "masque_relay_io_completions_total" => m.io_completions += v,
             "masque_relay_io_send_messages_total" => m.io_send_messages += v,
             "masque_relay_buffer_pool_free" => m.buffer_pool_free += v,
+            "masque_relay_egress_sockets" => {
+                *m.egress_sockets.get_or_insert(0.0) += v;
+            }
             "masque_relay_io_backend_info" if v > 0.0 => {
                 if let Some(b) = label(series, "backend").and_then(backend_name) {
                     m.io_backend = match m.io_backend {
@@ -168,6 +179,8 @@ mod tests {
     fn own_process_is_readable() {
         let s = sample(0).unwrap();
         assert!(s.rss_kib > 0);
+        // At least standard input, output and error, and the directory being read.
+        assert!(s.fds.is_some_and(|n| n >= 3), "{:?}", s.fds);
     }
 
     #[test]
@@ -189,6 +202,10 @@ mod tests {
         assert_eq!(m.flows_open, 7.0);
         assert_eq!(m.datagrams, 15.0);
         assert_eq!(m.io_backend, None);
+        assert_eq!(m.egress_sockets, None);
+        let egress = "masque_relay_egress_sockets{worker=\"0\"} 1563\n\
+                      masque_relay_egress_sockets{worker=\"1\"} 1562\n";
+        assert_eq!(parse_metrics(egress).egress_sockets, Some(3125.0));
     }
 
     #[test]

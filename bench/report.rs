@@ -96,8 +96,15 @@ pub struct ProcFigures {
     pub datagrams_source: &'static str,
     pub cpu_ns_per_datagram: Option<f64>,
     pub rss_kib: u64,
+    /// Resident set size at the start of the window (after set-up and warm-up).
+    pub rss_start_kib: u64,
+    /// Open file descriptors at the end of the window (`/proc/<pid>/fd`).
+    pub fds: Option<u64>,
     /// From the relay's `/metrics`, when it serves one.
     pub flows_open: Option<u64>,
+    /// Egress UDP sockets open at the end of the window, summed over workers
+    /// (`masque_relay_egress_sockets`).
+    pub egress_sockets: Option<u64>,
     pub dropped: Option<u64>,
     /// The datagram I/O backend the relay says it runs on (`io_uring`, `mmsg`), from
     /// `masque_relay_io_backend_info`.
@@ -175,7 +182,12 @@ impl ProcFigures {
             datagrams_source: source,
             cpu_ns_per_datagram: per_datagram(cpu, datagrams),
             rss_kib: end.rss_kib,
+            rss_start_kib: start.rss_kib,
+            fds: end.fds,
             flows_open: metrics.map(|(_, b)| b.flows_open as u64),
+            egress_sockets: metrics
+                .and_then(|(_, b)| b.egress_sockets)
+                .map(|v| v.max(0.0) as u64),
             dropped: metrics.map(|(a, b)| (b.dropped - a.dropped).max(0.0) as u64),
             io_backend: metrics.and_then(|(a, b)| b.io_backend.or(a.io_backend)),
             engine: metrics.and_then(|(a, b)| EngineFigures::new(&a, &b)),
@@ -212,7 +224,14 @@ pub struct RunReport {
     pub label: String,
     pub protocol: String,
     pub mode: String,
+    /// Payload bytes of each datagram (download runs: of those the target sends).
     pub size: usize,
+    /// Download and upload runs: datagrams per burst.
+    pub burst: Option<u16>,
+    /// Download runs: bytes of each request the client sends.
+    pub request_size: Option<usize>,
+    /// Target ports the flows were spread over.
+    pub target_ports: u16,
     pub flows: usize,
     pub connections: usize,
     /// Requested rate (datagrams/s, 0 = closed loop or unlimited) and closed-loop depth.
@@ -221,8 +240,10 @@ pub struct RunReport {
     pub warmup_secs: f64,
     pub duration_secs: f64,
     pub setup: Setup,
+    /// What the client sent (download runs: the requests).
     pub to_target: Direction,
-    /// Echo mode: what the target sent back and how much of it arrived.
+    /// Echo and download runs: what the target sent back (echoes, burst datagrams) and how
+    /// much of it arrived.
     pub to_client: Option<Direction>,
     /// Echo mode: 1 - echoes received / datagrams sent, known even when the target cannot be
     /// asked.
@@ -250,6 +271,28 @@ impl RunReport {
     pub fn relayed_by_count(rec: &Recorder, target: Option<&TargetCounts>) -> u64 {
         target.map(|t| t.measured).unwrap_or(rec.sent) + rec.received
     }
+
+    /// The direction whose throughput the run measures: to the client in a download run, to
+    /// the target otherwise.
+    pub fn payload_direction(&self) -> &Direction {
+        match (&self.to_client, self.mode.as_str()) {
+            (Some(d), "download") => d,
+            _ => &self.to_target,
+        }
+    }
+
+    /// Datagrams per second delivered in that direction (offered, when the receiver could not
+    /// be asked).
+    pub fn delivered_per_sec(&self) -> f64 {
+        let d = self.payload_direction();
+        d.delivered_per_sec.unwrap_or(d.offered_per_sec)
+    }
+
+    /// The run's loss: round trip for echo, to the client for download, to the target else.
+    pub fn loss(&self) -> Option<f64> {
+        self.round_trip_loss
+            .or_else(|| self.payload_direction().loss)
+    }
 }
 
 /// The ratios of BENCH.md, from runs made in the same invocation.
@@ -262,7 +305,8 @@ pub struct Ratios {
     pub added_rtt_p99_us: Option<f64>,
     /// Same for the raw forwarder.
     pub raw_forward_added_rtt_p99_us: Option<f64>,
-    /// Datagrams per second delivered to the target through the relay / directly.
+    /// Datagrams per second delivered through the relay / directly (to the target; in
+    /// download runs, to the client).
     pub delivered_vs_direct: Option<f64>,
     pub delivered_vs_raw_forward: Option<f64>,
 }
@@ -270,11 +314,7 @@ pub struct Ratios {
 impl Ratios {
     pub fn compute(relay: &RunReport, direct: Option<&RunReport>, raw: Option<&RunReport>) -> Self {
         let cpu = |r: &RunReport| r.relay.as_ref().and_then(|p| p.cpu_ns_per_datagram);
-        let rate = |r: &RunReport| {
-            r.to_target
-                .delivered_per_sec
-                .or_else(|| r.to_client.as_ref().and_then(|d| d.delivered_per_sec))
-        };
+        let rate = |r: &RunReport| r.payload_direction().delivered_per_sec;
         let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
@@ -329,6 +369,10 @@ pub fn table(runs: &[&RunReport]) -> String {
             r.setup.flows_open, r.flows, r.setup.seconds
         )
     });
+    row("mode", &|r| match r.burst {
+        Some(b) => format!("{} (burst {b})", r.mode),
+        None => r.mode.clone(),
+    });
     row("to target offered/s", &|r| si(r.to_target.offered_per_sec));
     row("to target delivered/s", &|r| {
         opt(r.to_target.delivered_per_sec, si)
@@ -339,8 +383,16 @@ pub fn table(runs: &[&RunReport]) -> String {
     row("to target loss", &|r| {
         opt(r.to_target.loss, |v| format!("{:.3}%", v * 100.0))
     });
+    row("to client offered/s", &|r| {
+        opt(r.to_client.as_ref().map(|d| d.offered_per_sec), si)
+    });
     row("to client delivered/s", &|r| {
         opt(r.to_client.as_ref().and_then(|d| d.delivered_per_sec), si)
+    });
+    row("to client Gbit/s", &|r| {
+        opt(r.to_client.as_ref().and_then(|d| d.delivered_gbps), |v| {
+            format!("{v:.3}")
+        })
     });
     row("to client loss", &|r| {
         opt(r.to_client.as_ref().and_then(|d| d.loss), |v| {
@@ -407,6 +459,18 @@ pub fn table(runs: &[&RunReport]) -> String {
             .and_then(|p| p.flows_open)
             .map(|v| v.to_string())
             .unwrap_or_else(|| "-".to_owned())
+    });
+    row("relay egress sockets", &|r| {
+        r.relay
+            .as_ref()
+            .and_then(|p| p.egress_sockets)
+            .map_or_else(|| "-".to_owned(), |v| v.to_string())
+    });
+    row("relay fds", &|r| {
+        r.relay
+            .as_ref()
+            .and_then(|p| p.fds)
+            .map_or_else(|| "-".to_owned(), |v| v.to_string())
     });
     row("client CPU ns/datagram", &|r| {
         opt(r.client_cpu_ns_per_datagram, |v| format!("{v:.0}"))
@@ -510,6 +574,9 @@ mod tests {
             protocol: "h3".into(),
             mode: "echo".into(),
             size: 1200,
+            burst: None,
+            request_size: None,
+            target_ports: 1,
             flows: 1,
             connections: 1,
             rate: 0,
@@ -537,7 +604,10 @@ mod tests {
                 datagrams_source: "bench",
                 cpu_ns_per_datagram: Some(c),
                 rss_kib: 0,
+                rss_start_kib: 0,
+                fds: None,
                 flows_open: None,
+                egress_sockets: None,
                 dropped: None,
                 io_backend: None,
                 engine: None,
@@ -568,6 +638,24 @@ mod tests {
         assert!(table(&[&relay, &direct]).contains("rtt p99 us"));
     }
 
+    /// A download run's throughput and loss are those of what reached the client; its ratios
+    /// compare that.
+    #[test]
+    fn download_runs_count_what_reached_the_client() {
+        let mut relay = report(Some(500.0), 0.0, 0.0, 1_000.0);
+        relay.mode = "download".into();
+        relay.to_client = Some(Direction::new(16_000, Some(15_200), 1200, 1.0));
+        let mut direct = relay.clone();
+        direct.to_client = Some(Direction::new(32_000, Some(32_000), 1200, 1.0));
+        assert_eq!(relay.delivered_per_sec(), 15_200.0);
+        assert!((relay.loss().unwrap() - 0.05).abs() < 1e-12);
+        let r = Ratios::compute(&relay, Some(&direct), None);
+        assert_eq!(r.delivered_vs_direct, Some(0.475));
+        let echo = report(None, 1.0, 1.0, 2_000.0);
+        assert_eq!(echo.delivered_per_sec(), 2_000.0);
+        assert_eq!(echo.loss(), Some(0.0));
+    }
+
     #[test]
     fn proc_figures_prefer_the_relays_own_count() {
         let t = Instant::now();
@@ -575,16 +663,19 @@ mod tests {
             at: t,
             cpu_ns: 1_000_000_000,
             rss_kib: 1000,
+            fds: Some(10),
         };
         let b = ProcSample {
             at: t + Duration::from_secs(2),
             cpu_ns: 2_000_000_000,
             rss_kib: 2000,
+            fds: Some(12),
         };
         let p = ProcFigures::new(7, &a, &b, None, 1_000_000);
         assert_eq!(p.cpu_ns_per_datagram, Some(1000.0));
         assert_eq!(p.cpu_utilisation, 0.5);
         assert_eq!(p.datagrams_source, "bench");
+        assert_eq!((p.rss_start_kib, p.rss_kib, p.fds), (1000, 2000, Some(12)));
         assert_eq!((p.io_backend, p.engine.as_ref()), (None, None));
         let m0 = RelayMetrics {
             flows_open: 10.0,
@@ -594,6 +685,7 @@ mod tests {
             io_completions: 5_000.0,
             io_send_messages: 500.0,
             buffer_pool_free: 2_000.0,
+            egress_sockets: Some(3.0),
             io_backend: Some("io_uring"),
         };
         let m1 = RelayMetrics {
@@ -604,12 +696,14 @@ mod tests {
             io_completions: 1_005_000.0,
             io_send_messages: 250_500.0,
             buffer_pool_free: 2_100.0,
+            egress_sockets: Some(5.0),
             io_backend: Some("io_uring"),
         };
         let p = ProcFigures::new(7, &a, &b, Some((m0, m1)), 1_000_000);
         assert_eq!(p.cpu_ns_per_datagram, Some(500.0));
         assert_eq!(p.datagrams_source, "metrics");
         assert_eq!(p.flows_open, Some(10));
+        assert_eq!((p.egress_sockets, p.fds), (Some(5), Some(12)));
         assert_eq!(p.dropped, Some(3));
         assert_eq!(p.io_backend, Some("io_uring"));
         let e = p.engine.unwrap();

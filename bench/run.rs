@@ -17,7 +17,7 @@ use crate::load::{Clock, Phase, Recorder, Shape};
 use crate::procfs::{self, ProcSample, RelayMetrics};
 use crate::report::{Direction, ProcFigures, Rtt, RunReport, Setup};
 use crate::spawn::IoBackend;
-use crate::wire::{self, Kind, HEADER_LEN};
+use crate::wire::{self, DownloadRequest, Kind, DOWNLOAD_REQUEST_LEN, HEADER_LEN};
 use crate::BenchError;
 
 /// The client side of a run.
@@ -45,13 +45,20 @@ impl Protocol {
     }
 }
 
-/// What the target does with the payloads.
+/// The shape of the traffic, and what the target does with the payloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// The target echoes: round-trip times, both directions.
     Echo,
     /// The target counts and drops: throughput one way.
     Oneway,
+    /// Closed loop of small requests per flow; the target answers each with a burst of
+    /// `--burst` datagrams of `--size` bytes sent as UDP GSO trains (an inner QUIC server's
+    /// download). Throughput is what reaches the client.
+    Download,
+    /// Bursts of `--burst` datagrams per flow back to back (UDP GSO trains where the client
+    /// speaks plain UDP); the target counts and drops them.
+    Upload,
 }
 
 impl Mode {
@@ -59,7 +66,14 @@ impl Mode {
         match self {
             Mode::Echo => "echo",
             Mode::Oneway => "oneway",
+            Mode::Download => "download",
+            Mode::Upload => "upload",
         }
+    }
+
+    /// Traffic that comes back to the client (echoes, download bursts).
+    pub fn answered(self) -> bool {
+        matches!(self, Mode::Echo | Mode::Download)
     }
 }
 
@@ -73,9 +87,15 @@ pub struct RunSpec {
     pub target: SocketAddr,
     /// TLS server name.
     pub server_name: String,
+    /// Payload bytes of each datagram (in a download run, of those the target sends).
     pub size: usize,
+    /// Download and upload runs: datagrams per burst.
+    pub burst: u16,
     pub flows: usize,
     pub connections: usize,
+    /// The flows go to this many consecutive target ports from `target`'s (flow i to port
+    /// `target.port() + i % target_ports`); plain UDP runs use `target` alone.
+    pub target_ports: u16,
     pub duration: Duration,
     pub warmup: Duration,
     /// Datagrams per second over all flows; 0 = closed loop (echo) or unlimited (one-way).
@@ -105,18 +125,49 @@ pub struct RunSpec {
 impl RunSpec {
     /// How the flows of one group (connection or socket) send.
     pub fn shape(&self, group_flows: usize) -> Shape {
+        // Upload: a flow's datagrams go in bursts, back to back.
+        let burst = if self.mode == Mode::Upload {
+            u32::from(self.burst.max(1))
+        } else {
+            1
+        };
         if self.rate > 0 {
             Shape::Rate {
                 per_sec: self.rate as f64 * group_flows as f64 / self.flows.max(1) as f64,
+                burst,
             }
-        } else if self.mode == Mode::Echo {
+        } else if self.mode.answered() {
             Shape::Closed {
                 inflight: self.inflight.max(1),
                 loss_timeout: self.loss_timeout.max(Duration::from_millis(1)),
             }
         } else {
-            Shape::Unlimited
+            Shape::Unlimited { burst }
         }
+    }
+
+    /// Bytes of each payload the client sends: a download request, or `size`.
+    pub fn payload_size(&self) -> usize {
+        match self.mode {
+            Mode::Download => DOWNLOAD_REQUEST_LEN,
+            _ => self.size,
+        }
+    }
+
+    /// What a download request asks of the target.
+    pub fn download_request(&self) -> Option<DownloadRequest> {
+        (self.mode == Mode::Download).then_some(DownloadRequest {
+            burst: self.burst.max(1),
+            size: self.size as u32,
+        })
+    }
+
+    /// The target of flow `i` (see `target_ports`).
+    pub fn target_of(&self, i: usize) -> SocketAddr {
+        let n = usize::from(self.target_ports.max(1));
+        let mut t = self.target;
+        t.set_port(self.target.port().wrapping_add((i % n) as u16));
+        t
     }
 
     /// The same spec, noting the `--io-backend` the relay under test was started with.
@@ -125,15 +176,16 @@ impl RunSpec {
         self
     }
 
-    /// The request path for the target, from the URI template.
-    pub fn path(&self) -> String {
-        expand_template(&self.uri_template, self.target)
+    /// The request path for flow `i`'s target, from the URI template.
+    pub fn path_for(&self, i: usize) -> String {
+        expand_template(&self.uri_template, self.target_of(i))
     }
 
     pub fn kind(&self) -> Kind {
         match self.mode {
             Mode::Echo => Kind::Echo,
-            Mode::Oneway => Kind::Sink,
+            Mode::Oneway | Mode::Upload => Kind::Sink,
+            Mode::Download => Kind::Download,
         }
     }
 }
@@ -205,12 +257,16 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(spec: RunSpec) -> Rc<Ctx> {
-        let drain = match spec.mode {
-            Mode::Echo => Duration::from_secs(1),
-            Mode::Oneway => Duration::from_millis(300),
+        let drain = if spec.mode.answered() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(300)
         };
         let clock = Clock::new(spec.warmup, spec.duration, drain);
-        let rec = Recorder::new(clock, wire::new_tag(), spec.kind(), spec.size);
+        let mut rec = Recorder::new(clock, wire::new_tag(), spec.kind(), spec.payload_size());
+        if let Some(d) = spec.download_request() {
+            rec = rec.with_download(d);
+        }
         Rc::new(Ctx {
             spec,
             rec: RefCell::new(rec),
@@ -318,6 +374,18 @@ pub fn run(spec: RunSpec) -> Result<RunReport, BenchError> {
             "--size must be at least {HEADER_LEN} bytes (the bench header)"
         )));
     }
+    if spec.mode == Mode::Download && spec.size > wire::MAX_PAYLOAD {
+        return Err(BenchError::Args(format!(
+            "--size must be at most {} bytes in a download run",
+            wire::MAX_PAYLOAD
+        )));
+    }
+    if !(1..=wire::MAX_BURST).contains(&spec.burst) {
+        return Err(BenchError::Args(format!(
+            "--burst must be 1 to {}",
+            wire::MAX_BURST
+        )));
+    }
     if spec.flows == 0 {
         return Err(BenchError::Args("--flows must be at least 1".into()));
     }
@@ -336,9 +404,20 @@ pub fn run(spec: RunSpec) -> Result<RunReport, BenchError> {
     let target = wire::query_target(spec.target, rec.tag).filter(|c| c.total > 0);
     let secs = spec.duration.as_secs_f64();
     let echo = spec.mode == Mode::Echo;
-    let to_target = Direction::new(rec.sent, target.map(|t| t.measured), spec.size, secs);
-    let to_client = echo.then(|| {
-        let offered = target.map(|t| t.echoed).unwrap_or(rec.sent);
+    let to_target = Direction::new(
+        rec.sent,
+        target.map(|t| t.measured),
+        spec.payload_size(),
+        secs,
+    );
+    // What the target sent back (echoes, or burst datagrams), as it counted it; without its
+    // answer, what the client asked for.
+    let to_client = spec.mode.answered().then(|| {
+        let asked = match spec.mode {
+            Mode::Download => rec.sent * u64::from(spec.burst.max(1)),
+            _ => rec.sent,
+        };
+        let offered = target.map(|t| t.echoed).unwrap_or(asked);
         Direction::new(offered, Some(rec.received), spec.size, secs)
     });
     let relayed = RunReport::relayed_by_count(&rec, target.as_ref());
@@ -368,6 +447,9 @@ pub fn run(spec: RunSpec) -> Result<RunReport, BenchError> {
         protocol: spec.protocol.as_str().into(),
         mode: spec.mode.as_str().into(),
         size: spec.size,
+        burst: matches!(spec.mode, Mode::Download | Mode::Upload).then_some(spec.burst),
+        request_size: (spec.mode == Mode::Download).then_some(spec.payload_size()),
+        target_ports: spec.target_ports.max(1),
         flows: spec.flows,
         connections: spec.connections,
         rate: spec.rate,
@@ -424,6 +506,11 @@ async fn drive(ctx: Rc<Ctx>) -> Result<(Edge, Edge), BenchError> {
         })
     };
     let spec = &ctx.spec;
+    // Datagrams that come back for each one sent (echo: 1; download: the burst).
+    let answers_per_send = match spec.mode {
+        Mode::Download => u64::from(spec.burst.max(1)),
+        _ => 1,
+    };
     let mut start_edge = None;
     let mut end_edge = None;
     let mut next_print = Instant::now() + Duration::from_secs(1);
@@ -458,7 +545,7 @@ async fn drive(ctx: Rc<Ctx>) -> Result<(Edge, Edge), BenchError> {
         }
         if phase == Phase::Drain {
             let rec = ctx.rec.borrow();
-            if spec.mode == Mode::Echo && rec.received >= rec.sent {
+            if spec.mode.answered() && rec.received >= rec.sent * answers_per_send {
                 break;
             }
         }
@@ -478,8 +565,9 @@ async fn drive(ctx: Rc<Ctx>) -> Result<(Edge, Edge), BenchError> {
                 } else {
                     format!("{:.0}us", rec.rtt.value_at_quantile(0.99) as f64 / 1000.0)
                 };
-                let loss = if spec.mode == Mode::Echo && sent > 0.0 {
-                    format!("{:.2}%", (1.0 - recv / sent).max(0.0) * 100.0)
+                let loss = if spec.mode.answered() && sent > 0.0 {
+                    let expected = sent * answers_per_send as f64;
+                    format!("{:.2}%", (1.0 - recv / expected).max(0.0) * 100.0)
                 } else {
                     "-".to_owned()
                 };
@@ -543,8 +631,10 @@ mod tests {
             target,
             server_name: "localhost".into(),
             size: 100,
+            burst: 16,
             flows: 4,
             connections: 2,
+            target_ports: 1,
             duration: Duration::from_millis(600),
             warmup: Duration::from_millis(200),
             rate: 1000,
@@ -606,6 +696,64 @@ mod tests {
         assert!(r.to_client.is_none() && r.rtt.is_none());
     }
 
+    /// A download run straight to the target: every request is answered by its burst (GSO
+    /// trains), and what reached the client is exactly what the target sent.
+    fn assert_exact_download(r: &RunReport, burst: u64) {
+        let t = r.target.expect("the target answers queries");
+        assert!(r.to_target.offered > 0);
+        assert_eq!(r.to_target.delivered, Some(r.to_target.offered), "{r:?}");
+        assert_eq!(t.measured_bytes, t.measured * DOWNLOAD_REQUEST_LEN as u64);
+        let back = r.to_client.as_ref().unwrap();
+        assert_eq!(back.offered, t.measured * burst, "{r:?}");
+        assert_eq!(back.delivered, Some(back.offered), "{r:?}");
+        assert_eq!(r.rtt.as_ref().unwrap().samples, back.offered);
+        assert_eq!((r.client_foreign, r.mode.as_str()), (0, "download"));
+        assert_eq!(r.delivered_per_sec(), back.delivered_per_sec.unwrap());
+    }
+
+    #[test]
+    fn direct_download_counts_exactly() {
+        let target =
+            crate::target::TargetThread::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let mut spec = test_spec(Protocol::Udp, target.addr, target.addr);
+        spec.mode = Mode::Download;
+        spec.rate = 200;
+        spec.max_datagrams = Some(500);
+        let r = run(spec).unwrap();
+        assert_exact_download(&r, 16);
+    }
+
+    /// Upload straight to the target: bursts leave as GSO trains, and the target counts every
+    /// datagram of them.
+    #[test]
+    fn direct_upload_counts_exactly() {
+        let target =
+            crate::target::TargetThread::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let mut spec = test_spec(Protocol::Udp, target.addr, target.addr);
+        spec.mode = Mode::Upload;
+        spec.burst = 8;
+        let r = run(spec).unwrap();
+        let t = r.target.unwrap();
+        assert!(r.to_target.offered > 0);
+        assert_eq!(r.to_target.delivered, Some(r.to_target.offered), "{r:?}");
+        assert_eq!(t.measured_bytes, t.measured * 100);
+        assert_eq!(t.echoed, 0);
+        assert!(r.to_client.is_none() && r.rtt.is_none());
+        assert_eq!(r.burst, Some(8));
+    }
+
+    /// Flows spread over target ports: flow i asks for port base + i % N.
+    #[test]
+    fn flows_are_spread_over_target_ports() {
+        let t: SocketAddr = "127.0.0.1:20000".parse().unwrap();
+        let mut spec = test_spec(Protocol::H3, t, t);
+        assert_eq!(spec.target_of(5), t);
+        spec.target_ports = 4;
+        let ports: Vec<u16> = (0..6).map(|i| spec.target_of(i).port()).collect();
+        assert_eq!(ports, vec![20000, 20001, 20002, 20003, 20000, 20001]);
+        assert_eq!(spec.path_for(3), "/.well-known/masque/udp/127.0.0.1/20003/");
+    }
+
     /// A relay in this process on a free loopback port, loopback targets allowed.
     fn relay() -> masque_relay::Relay {
         let cfg = masque_relay::config::Config {
@@ -632,6 +780,25 @@ mod tests {
     #[test]
     fn h3_run_counts_exactly() {
         through_the_relay(Protocol::H3);
+    }
+
+    /// Download through the relay over HTTP/3, flows spread over two target ports: the
+    /// target's GSO bursts reach the client in full.
+    #[test]
+    fn h3_download_counts_exactly() {
+        let relay = relay();
+        let target =
+            crate::target::TargetThread::start_ports("127.0.0.1:0".parse().unwrap(), 2, None)
+                .unwrap();
+        let mut spec = test_spec(Protocol::H3, relay.local_addr(), target.addr);
+        spec.mode = Mode::Download;
+        spec.target_ports = 2;
+        spec.rate = 200;
+        spec.max_datagrams = Some(500);
+        let r = run(spec).unwrap();
+        assert_eq!(r.setup.flows_open, 4, "{r:?}");
+        assert_exact_download(&r, 16);
+        relay.shutdown();
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The suite of BENCH.md ({h3, h2} x {64, 1200 B} x {1, 100, 10 000 flows} x {echo, one-way},
-//! baselines in the same repetition, three repetitions, medians with min-max in one Markdown
-//! table), and the flow-scale and setup-rate measurements.
+//! and download and upload at 1200 B; baselines in the same repetition, three repetitions,
+//! medians with min-max in one Markdown table), and the flow-scale and setup-rate measurements.
 //!
 //! The relay is started fresh for every measured run (so its RSS and flow count belong to that
 //! run), pinned to `--relay-core`; the raw forwarder is pinned there too; the load generator and
@@ -39,8 +39,14 @@ pub struct SuiteArgs {
     sizes: Option<Vec<usize>>,
     #[arg(long, value_delimiter = ',')]
     flows: Option<Vec<usize>>,
-    #[arg(long, value_delimiter = ',', default_value = "echo,oneway")]
-    modes: Vec<Mode>,
+    /// Traffic shapes (echo, oneway, download, upload). Default: echo and oneway in every cell,
+    /// download and upload at 1200 B only (download only where flows x burst <= 16384, so the
+    /// bursts in flight fit the socket buffers on the way).
+    #[arg(long, value_delimiter = ',')]
+    modes: Option<Vec<Mode>>,
+    /// Download and upload: datagrams per burst.
+    #[arg(long, default_value_t = 16)]
+    burst: u16,
     /// Measured seconds per run (default 5, or 2 with --quick).
     #[arg(long)]
     duration: Option<f64>,
@@ -85,6 +91,56 @@ const IO_COMPARE_CELLS: [(Protocol, usize); 3] = [
 ];
 const IO_COMPARE_FLOWS: usize = 100;
 
+/// The size at which the default matrix measures download and upload.
+const BURST_CELL_SIZE: usize = 1200;
+/// Default matrix: download cells only where flows x burst stays within this many datagrams in
+/// flight.
+const MAX_DOWNLOAD_IN_FLIGHT: usize = 16_384;
+
+/// The (size, flows, mode) cells of the matrix, in order: every combination of `modes` when
+/// given; else echo and oneway everywhere, download and upload at [`BURST_CELL_SIZE`] only.
+fn matrix_cells(
+    sizes: &[usize],
+    flows: &[usize],
+    modes: Option<&[Mode]>,
+    burst: u16,
+) -> Vec<(usize, usize, Mode)> {
+    let all = [Mode::Echo, Mode::Oneway, Mode::Download, Mode::Upload];
+    let mut out = Vec::new();
+    for &size in sizes {
+        for &f in flows {
+            for &mode in modes.unwrap_or(&all) {
+                let default_cell = match mode {
+                    Mode::Echo | Mode::Oneway => true,
+                    Mode::Upload => size == BURST_CELL_SIZE,
+                    Mode::Download => {
+                        size == BURST_CELL_SIZE
+                            && f.saturating_mul(usize::from(burst)) <= MAX_DOWNLOAD_IN_FLIGHT
+                    }
+                };
+                if modes.is_some() || default_cell {
+                    out.push((size, f, mode));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Download and upload bursts when not told.
+const DEFAULT_BURST: u16 = 16;
+
+/// Closed loop: 64 datagrams in flight in total for few flows, one per flow for many (a
+/// download request stands for its burst).
+fn closed_inflight(flows: usize, mode: Mode, burst: u16) -> u32 {
+    let per_request = if mode == Mode::Download {
+        usize::from(burst.max(1))
+    } else {
+        1
+    };
+    (64 / flows.max(1).saturating_mul(per_request)).max(1) as u32
+}
+
 /// The LoadArgs of a suite cell.
 fn cell_args(
     relay_core: usize,
@@ -95,6 +151,7 @@ fn cell_args(
     mode: Mode,
     (warmup, duration): (f64, f64),
 ) -> LoadArgs {
+    let burst = DEFAULT_BURST;
     LoadArgs {
         relay: "127.0.0.1:4433".parse().expect("literal"),
         relay_bin: None,
@@ -103,13 +160,14 @@ fn cell_args(
         target: None,
         protocol,
         size,
+        burst,
         flows,
         connections: 0,
+        target_ports: 1,
         duration,
         warmup,
         rate: 0,
-        // Closed loop: 64 datagrams in flight in total for few flows, one per flow for many.
-        inflight: 64usize.div_ceil(flows).max(1) as u32,
+        inflight: closed_inflight(flows, mode, burst),
         loss_timeout_ms: crate::load::LOSS_TIMEOUT.as_millis() as u64,
         io_backend: IoBackend::Auto,
         mode,
@@ -173,7 +231,7 @@ pub fn median_range(values: &[f64], fmt: impl Fn(f64) -> String) -> String {
 
 fn markdown(runs: &[SuiteRun], keys: &[(String, usize, usize, Mode)]) -> String {
     let mut out = String::from(
-        "| run | size B | flows | mode | delivered to target /s | relay CPU ns/datagram | \
+        "| run | size B | flows | mode | delivered /s | relay CPU ns/datagram | \
          CPU vs raw-forward | RTT p50 us | RTT p99 us | added p99 vs direct us | loss |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
@@ -193,18 +251,13 @@ fn markdown(runs: &[SuiteRun], keys: &[(String, usize, usize, Mode)]) -> String 
         let col = |f: &dyn Fn(&SuiteRun) -> Option<f64>| -> Vec<f64> {
             sel.iter().filter_map(|r| f(r)).collect()
         };
-        let rate = col(&|r| {
-            r.report
-                .to_target
-                .delivered_per_sec
-                .or(Some(r.report.to_target.offered_per_sec))
-        });
+        let rate = col(&|r| Some(r.report.delivered_per_sec()));
         let cpu = col(&|r| r.report.relay.as_ref().and_then(|p| p.cpu_ns_per_datagram));
         let ratio = col(&|r| r.ratios.as_ref().and_then(|x| x.cpu_vs_raw_forward));
         let p50 = col(&|r| r.report.rtt.as_ref().map(|x| x.p50_us));
         let p99 = col(&|r| r.report.rtt.as_ref().map(|x| x.p99_us));
         let added = col(&|r| r.ratios.as_ref().and_then(|x| x.added_rtt_p99_us));
-        let loss = col(&|r| r.report.round_trip_loss.or(r.report.to_target.loss));
+        let loss = col(&|r| r.report.loss());
         out.push_str(&format!(
             "| {what} | {size} | {flows} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             mode.as_str(),
@@ -233,117 +286,100 @@ pub fn suite(a: SuiteArgs) -> Result<(), BenchError> {
     let target =
         target::TargetThread::start("127.0.0.1:0".parse().expect("literal"), Some(a.client_core))?;
     crate::pin(Some(a.client_core));
+    let cells = matrix_cells(&sizes, &flows, a.modes.as_deref(), a.burst);
     let mut keys = Vec::new();
-    for &size in &sizes {
-        for &f in &flows {
-            for &mode in &a.modes {
-                for p in &a.protocols {
-                    keys.push((p.as_str().to_owned(), size, f, mode));
-                }
-                if !a.no_baselines {
-                    keys.push(("raw-forward".to_owned(), size, f, mode));
-                    keys.push(("direct".to_owned(), size, f, mode));
-                }
-            }
+    for &(size, f, mode) in &cells {
+        for p in &a.protocols {
+            keys.push((p.as_str().to_owned(), size, f, mode));
+        }
+        if !a.no_baselines {
+            keys.push(("raw-forward".to_owned(), size, f, mode));
+            keys.push(("direct".to_owned(), size, f, mode));
         }
     }
-    let cells = sizes.len() * flows.len() * a.modes.len();
     let mut runs: Vec<SuiteRun> = Vec::new();
     let mut n = 0;
     let matrix_reps = if a.io_compare_only { 0 } else { a.reps };
     for rep in 1..=matrix_reps {
-        for &size in &sizes {
-            for &f in &flows {
-                for &mode in &a.modes {
-                    n += 1;
-                    eprintln!(
-                        "suite: repetition {rep}/{}, cell {n}/{} ({size} B, {f} flows, {})",
-                        a.reps,
-                        cells * a.reps,
-                        mode.as_str()
-                    );
-                    let base = cell_args(
-                        a.relay_core,
-                        a.client_core,
-                        Protocol::Udp,
-                        size,
-                        f,
-                        mode,
-                        (warmup, duration),
-                    );
-                    let (mut direct, mut raw) = (None, None);
-                    if !a.no_baselines {
-                        let mut udp = base.clone();
-                        udp.connections = f.div_ceil(100).max(1);
-                        let label = format!("direct-{size}B-{f}f-{}", mode.as_str());
-                        match crate::run::run(udp.spec(
-                            &label,
-                            target.addr,
-                            target.addr,
-                            None,
-                            None,
-                        )) {
-                            Ok(r) => direct = Some(r),
-                            Err(e) => eprintln!("suite: {label}: {e}"),
-                        }
-                        let lifetime = Duration::from_secs_f64(warmup + duration + 90.0);
-                        let fwd =
-                            spawn::start_forwarder(target.addr, Some(a.relay_core), lifetime)?;
-                        let label = format!("raw-forward-{size}B-{f}f-{}", mode.as_str());
-                        match crate::run::run(udp.spec(
-                            &label,
-                            fwd.addr,
-                            target.addr,
-                            Some(fwd.pid()),
-                            None,
-                        )) {
-                            Ok(r) => raw = Some(r),
-                            Err(e) => eprintln!("suite: {label}: {e}"),
-                        }
+        for &(size, f, mode) in &cells {
+            n += 1;
+            eprintln!(
+                "suite: repetition {rep}/{}, cell {n}/{} ({size} B, {f} flows, {})",
+                a.reps,
+                cells.len() * a.reps,
+                mode.as_str()
+            );
+            let mut base = cell_args(
+                a.relay_core,
+                a.client_core,
+                Protocol::Udp,
+                size,
+                f,
+                mode,
+                (warmup, duration),
+            );
+            base.burst = a.burst;
+            base.inflight = closed_inflight(f, mode, a.burst);
+            let (mut direct, mut raw) = (None, None);
+            if !a.no_baselines {
+                let mut udp = base.clone();
+                udp.connections = f.div_ceil(100).max(1);
+                let label = format!("direct-{size}B-{f}f-{}", mode.as_str());
+                match crate::run::run(udp.spec(&label, target.addr, target.addr, None, None)) {
+                    Ok(r) => direct = Some(r),
+                    Err(e) => eprintln!("suite: {label}: {e}"),
+                }
+                let lifetime = Duration::from_secs_f64(warmup + duration + 90.0);
+                let fwd = spawn::start_forwarder(target.addr, Some(a.relay_core), lifetime)?;
+                let label = format!("raw-forward-{size}B-{f}f-{}", mode.as_str());
+                match crate::run::run(udp.spec(
+                    &label,
+                    fwd.addr,
+                    target.addr,
+                    Some(fwd.pid()),
+                    None,
+                )) {
+                    Ok(r) => raw = Some(r),
+                    Err(e) => eprintln!("suite: {label}: {e}"),
+                }
+            }
+            for &p in &a.protocols {
+                let mut args = base.clone();
+                args.protocol = p;
+                let label = format!("{}-{size}B-{f}f-{}", p.as_str(), mode.as_str());
+                match relay_run(&a, &args, &label, a.io_backend, target.addr) {
+                    Ok(r) => {
+                        let ratios = Ratios::compute(&r, direct.as_ref(), raw.as_ref());
+                        eprintln!(
+                            "suite: {label}: {}/s delivered, relay {} ns/datagram, \
+                             ratio to raw-forward {}",
+                            crate::report::si(r.delivered_per_sec()),
+                            r.relay
+                                .as_ref()
+                                .and_then(|p| p.cpu_ns_per_datagram)
+                                .map_or("-".into(), |v| format!("{v:.0}")),
+                            ratios
+                                .cpu_vs_raw_forward
+                                .map_or("-".into(), |v| format!("{v:.2}")),
+                        );
+                        runs.push(SuiteRun {
+                            rep,
+                            what: p.as_str().into(),
+                            report: r,
+                            ratios: Some(ratios),
+                        });
                     }
-                    for &p in &a.protocols {
-                        let mut args = base.clone();
-                        args.protocol = p;
-                        let label = format!("{}-{size}B-{f}f-{}", p.as_str(), mode.as_str());
-                        match relay_run(&a, &args, &label, a.io_backend, target.addr) {
-                            Ok(r) => {
-                                let ratios = Ratios::compute(&r, direct.as_ref(), raw.as_ref());
-                                eprintln!(
-                                    "suite: {label}: {}/s delivered, relay {} ns/datagram, \
-                                     ratio to raw-forward {}",
-                                    crate::report::si(
-                                        r.to_target
-                                            .delivered_per_sec
-                                            .unwrap_or(r.to_target.offered_per_sec)
-                                    ),
-                                    r.relay
-                                        .as_ref()
-                                        .and_then(|p| p.cpu_ns_per_datagram)
-                                        .map_or("-".into(), |v| format!("{v:.0}")),
-                                    ratios
-                                        .cpu_vs_raw_forward
-                                        .map_or("-".into(), |v| format!("{v:.2}")),
-                                );
-                                runs.push(SuiteRun {
-                                    rep,
-                                    what: p.as_str().into(),
-                                    report: r,
-                                    ratios: Some(ratios),
-                                });
-                            }
-                            Err(e) => eprintln!("suite: {label}: {e}"),
-                        }
-                    }
-                    for (what, r) in [("direct", direct), ("raw-forward", raw)] {
-                        if let Some(report) = r {
-                            runs.push(SuiteRun {
-                                rep,
-                                what: what.into(),
-                                report,
-                                ratios: None,
-                            });
-                        }
-                    }
+                    Err(e) => eprintln!("suite: {label}: {e}"),
+                }
+            }
+            for (what, r) in [("direct", direct), ("raw-forward", raw)] {
+                if let Some(report) = r {
+                    runs.push(SuiteRun {
+                        rep,
+                        what: what.into(),
+                        report,
+                        ratios: None,
+                    });
                 }
             }
         }
@@ -357,6 +393,19 @@ pub fn suite(a: SuiteArgs) -> Result<(), BenchError> {
     let mut table = String::new();
     if !a.io_compare_only {
         table.push_str(&markdown(&runs, &keys));
+        if cells
+            .iter()
+            .any(|c| matches!(c.2, Mode::Download | Mode::Upload))
+        {
+            table.push_str(&format!(
+                "\ndelivered /s: datagrams that reached the target, or in download rows the \
+                 client (each request answered by a burst of {} datagrams sent as GSO trains); \
+                 upload rows send bursts of {} per flow back to back (GSO trains over plain \
+                 UDP). Loss: round trip (echo), to the client (download), to the target \
+                 (oneway, upload).\n",
+                a.burst, a.burst
+            ));
+        }
         table.push_str(&backend_line(
             runs.iter()
                 .filter(|r| r.report.relay.is_some() && r.ratios.is_some())
@@ -669,6 +718,11 @@ pub struct ScaleArgs {
     /// Flows per connection (the relay allows 256 by default).
     #[arg(long, default_value_t = 250)]
     per_connection: usize,
+    /// Target ports the flows are spread over (flow i to port base + i % N; the in-process
+    /// echo target serves them all on one thread). The relay shares an egress socket between
+    /// flows to different targets, but flows to one target address need a local port each.
+    #[arg(long, default_value_t = 64)]
+    target_ports: u16,
     #[arg(long, default_value_t = 0)]
     relay_core: usize,
     #[arg(long, default_value_t = 1)]
@@ -688,20 +742,96 @@ struct ScaleStep {
     flows_asked: usize,
     flows_open: usize,
     relay_flows_open: Option<u64>,
+    target_ports: u16,
+    /// The relay's egress UDP sockets with the flows open (`masque_relay_egress_sockets`,
+    /// summed over workers).
+    egress_sockets: Option<u64>,
+    /// The relay's open file descriptors with the flows open (`/proc/<pid>/fd`).
+    relay_fds: Option<u64>,
     setup_seconds: f64,
+    /// The relay's RSS before any flow, with every flow open and idle (after set-up, before
+    /// the first datagram), and after a datagram each way on every flow.
     rss_idle_kib: u64,
+    rss_open_kib: u64,
     rss_kib: u64,
+    /// RSS per flow with the flows open and idle: (rss_open - rss_idle) / flows_open.
+    idle_bytes_per_flow: Option<f64>,
+    /// RSS per flow after the traffic: (rss - rss_idle) / flows_open.
     bytes_per_flow: Option<f64>,
 }
 
+/// The relay's limits for a flow-scale run up to `max_step` flows: its default cap on flows
+/// (`limits.max_flows`, 100 000) leaves no room at 100 000, so it is raised by a tenth.
+fn scale_config(max_step: usize) -> String {
+    format!(
+        "# masque-bench flow-scale\n[limits]\nmax_flows = {}\n",
+        (max_step + max_step / 10).max(100_000)
+    )
+}
+
 pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
-    spawn::raise_nofile(2 * a.steps.iter().copied().max().unwrap_or(1) as u64 + 4096);
-    let target =
-        target::TargetThread::start("127.0.0.1:0".parse().expect("literal"), Some(a.client_core))?;
+    let max_step = a.steps.iter().copied().max().unwrap_or(1);
+    spawn::raise_nofile(2 * max_step as u64 + 4096);
+    let target = target::TargetThread::start_ports(
+        "127.0.0.1:0".parse().expect("literal"),
+        a.target_ports.max(1),
+        Some(a.client_core),
+    )?;
+    eprintln!(
+        "flow-scale: echo target on {} and the {} ports after it",
+        target.addr,
+        target.ports - 1
+    );
+    let config = std::env::temp_dir().join(format!(
+        "masque-bench-flow-scale-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&config, scale_config(max_step))?;
+    let mut relay_args = a.io_backend.relay_args();
+    relay_args.push("--config".into());
+    relay_args.push(config.display().to_string());
+    let r = scale_steps(&a, &target, &relay_args);
+    let _ = std::fs::remove_file(&config);
+    let steps = r?;
+    println!(
+        "| flows asked | flows open | relay flows | target ports | egress sockets | relay fds | \
+         setup s | relay RSS: no flows / flows open / after traffic MiB | bytes per idle flow | \
+         bytes per flow after traffic | I/O backend |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let opt = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+    for s in &steps {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.1} / {:.1} / {:.1} | {} | {} | {} (asked {}) |",
+            s.flows_asked,
+            s.flows_open,
+            opt(s.relay_flows_open),
+            s.target_ports,
+            opt(s.egress_sockets),
+            opt(s.relay_fds),
+            s.setup_seconds,
+            s.rss_idle_kib as f64 / 1024.0,
+            s.rss_open_kib as f64 / 1024.0,
+            s.rss_kib as f64 / 1024.0,
+            s.idle_bytes_per_flow.map_or("-".into(), |v| format!("{v:.0}")),
+            s.bytes_per_flow.map_or("-".into(), |v| format!("{v:.0}")),
+            s.io_backend.unwrap_or("unknown"),
+            s.io_backend_requested.as_str(),
+        );
+    }
+    crate::write_json(&a.json, &serde_json::json!({ "steps": steps }))?;
+    Ok(())
+}
+
+/// The steps of `flow_scale`, one fresh relay each.
+fn scale_steps(
+    a: &ScaleArgs,
+    target: &target::TargetThread,
+    relay_args: &[String],
+) -> Result<Vec<ScaleStep>, BenchError> {
     let mut steps = Vec::new();
     for &flows in &a.steps {
-        let proc =
-            spawn::start_relay(&a.relay_bin, Some(a.relay_core), &a.io_backend.relay_args())?;
+        let proc = spawn::start_relay(&a.relay_bin, Some(a.relay_core), relay_args)?;
         let backend = proc.io_backend;
         eprintln!(
             "flow-scale: relay I/O backend {} (asked {})",
@@ -723,6 +853,7 @@ pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
         // Idle flows: one datagram per flow over the second, to show they all work.
         args.rate = flows as u64;
         args.connections = flows.div_ceil(a.per_connection.max(1));
+        args.target_ports = target.ports;
         args.setup_timeout = 300;
         let label = format!("flow-scale-{flows}");
         let r = crate::run::run(
@@ -744,40 +875,30 @@ pub fn flow_scale(a: ScaleArgs) -> Result<(), BenchError> {
             }
         };
         let rss = r.relay.as_ref().map_or(0, |p| p.rss_kib);
+        let rss_open = r.relay.as_ref().map_or(0, |p| p.rss_start_kib);
         let open = r.setup.flows_open;
+        let per_flow =
+            |kib: u64| (open > 0).then(|| kib.saturating_sub(idle) as f64 * 1024.0 / open as f64);
         let step = ScaleStep {
             io_backend: backend,
             io_backend_requested: a.io_backend,
             flows_asked: flows,
             flows_open: open,
             relay_flows_open: r.relay.as_ref().and_then(|p| p.flows_open),
+            target_ports: target.ports,
+            egress_sockets: r.relay.as_ref().and_then(|p| p.egress_sockets),
+            relay_fds: r.relay.as_ref().and_then(|p| p.fds),
             setup_seconds: r.setup.seconds,
             rss_idle_kib: idle,
+            rss_open_kib: rss_open,
             rss_kib: rss,
-            bytes_per_flow: (open > 0)
-                .then(|| (rss.saturating_sub(idle)) as f64 * 1024.0 / open as f64),
+            idle_bytes_per_flow: per_flow(rss_open),
+            bytes_per_flow: per_flow(rss),
         };
         eprintln!("flow-scale: {step:?}");
         steps.push(step);
     }
-    println!("| flows asked | flows open | relay flows | setup s | relay RSS idle MiB | relay RSS MiB | bytes per flow | I/O backend |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for s in &steps {
-        println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} (asked {}) |",
-            s.flows_asked,
-            s.flows_open,
-            s.relay_flows_open.map_or("-".into(), |v| v.to_string()),
-            s.setup_seconds,
-            s.rss_idle_kib as f64 / 1024.0,
-            s.rss_kib as f64 / 1024.0,
-            s.bytes_per_flow.map_or("-".into(), |v| format!("{v:.0}")),
-            s.io_backend.unwrap_or("unknown"),
-            s.io_backend_requested.as_str(),
-        );
-    }
-    crate::write_json(&a.json, &serde_json::json!({ "steps": steps }))?;
-    Ok(())
+    Ok(steps)
 }
 
 #[derive(Debug, clap::Args)]
@@ -880,6 +1001,28 @@ pub fn setup_rate(a: SetupArgs) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default matrix adds download and upload at 1200 B only (download only where the
+    /// bursts in flight stay bounded); --modes asks for every combination.
+    #[test]
+    fn default_cells_add_download_and_upload_at_1200_bytes() {
+        let quick = matrix_cells(&[64, 1200], &[1, 100], None, 16);
+        assert_eq!(quick.len(), 12, "{quick:?}");
+        let at = |size, mode| quick.iter().filter(|c| c.0 == size && c.2 == mode).count();
+        assert_eq!((at(64, Mode::Echo), at(64, Mode::Oneway)), (2, 2));
+        assert_eq!((at(64, Mode::Download), at(64, Mode::Upload)), (0, 0));
+        assert_eq!((at(1200, Mode::Download), at(1200, Mode::Upload)), (2, 2));
+        let full = matrix_cells(&[64, 1200], &[1, 100, 10_000], None, 16);
+        assert!(!full.contains(&(1200, 10_000, Mode::Download)));
+        assert!(full.contains(&(1200, 10_000, Mode::Upload)));
+        let asked = matrix_cells(&[64], &[1], Some(&[Mode::Download, Mode::Echo]), 16);
+        assert_eq!(asked, vec![(64, 1, Mode::Download), (64, 1, Mode::Echo)]);
+        // A download request stands for its burst in the closed-loop window.
+        assert_eq!(closed_inflight(1, Mode::Download, 16), 4);
+        assert_eq!(closed_inflight(100, Mode::Download, 16), 1);
+        assert_eq!(closed_inflight(1, Mode::Echo, 16), 64);
+        assert!(scale_config(100_000).contains("max_flows = 110000"));
+    }
 
     #[test]
     fn median_and_range() {

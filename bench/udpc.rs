@@ -1,14 +1,16 @@
 //! The plain UDP client of the baselines: one connected socket per "connection", its flows
 //! told apart by the flow ID in the bench header; recvmmsg and sendmmsg. Pointed at the target
-//! it is the **direct** baseline, at the raw forwarder the **raw-forward** one.
+//! it is the **direct** baseline, at the raw forwarder the **raw-forward** one. In upload runs a
+//! flow's burst leaves as UDP GSO trains (one sendmmsg message with `UDP_SEGMENT` per burst, at
+//! most [`crate::mmsg::gso_segments`] datagrams each).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
 use crate::load::Load;
-use crate::mmsg::{self, MmsgSocket, BATCH};
-use crate::run::{split, Ctx};
+use crate::mmsg::{self, GsoTx, MmsgSocket, Train, BATCH};
+use crate::run::{split, Ctx, Mode};
 use crate::BenchError;
 
 pub async fn run(ctx: Rc<Ctx>) -> Result<(), BenchError> {
@@ -39,9 +41,12 @@ async fn group(
         load.open_flow(i, now);
         ctx.flow_opened(now);
     }
-    let size = ctx.spec.size;
+    let size = ctx.spec.payload_size();
     let mut out: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; size]).collect();
     let mut flow_of = vec![0usize; BATCH];
+    // Upload: a flow's consecutive datagrams go as one GSO train, at most a burst each.
+    let mut gso = (ctx.spec.mode == Mode::Upload).then(|| GsoTx::new(&sock.io));
+    let per_train = mmsg::gso_segments(size).min(usize::from(ctx.spec.burst.max(1)));
     loop {
         if ctx.stop.get() {
             return Ok(());
@@ -82,9 +87,29 @@ async fn group(
                 k
             };
             if n > 0 {
-                let msgs: Vec<(&[u8], Option<SocketAddr>)> =
-                    out[..n].iter().map(|b| (&b[..], None)).collect();
-                let took = sock.try_send(&msgs).unwrap_or(0);
+                let took = match gso.as_mut() {
+                    Some(gso) => {
+                        let mut trains = Vec::new();
+                        let mut k = 0;
+                        while k < n {
+                            let mut j = k + 1;
+                            while j < n && flow_of[j] == flow_of[k] && j - k < per_train {
+                                j += 1;
+                            }
+                            trains.push(Train {
+                                datagrams: out[k..j].iter().map(|b| &b[..]).collect(),
+                                to: None,
+                            });
+                            k = j;
+                        }
+                        gso.send(&sock.io, &trains).unwrap_or(0)
+                    }
+                    None => {
+                        let msgs: Vec<(&[u8], Option<SocketAddr>)> =
+                            out[..n].iter().map(|b| (&b[..], None)).collect();
+                        sock.try_send(&msgs).unwrap_or(0)
+                    }
+                };
                 let mut rec = ctx.rec.borrow_mut();
                 // Last first: each cancel takes back its flow's most recent send.
                 for k in (took..n).rev() {

@@ -6,7 +6,21 @@
 //!  +-------+----+---------+----------+----------+-------------------+---------------
 //!  | MQB1  |kind| run tag | flow id  | sequence | send time (ns)    | filler ...
 //!  +-------+----+---------+----------+----------+-------------------+---------------
-//!  kind: low bits echo / sink / query / reply; bit 7 set when sent inside the measured window
+//!  kind: low bits echo / sink / query / reply / download / burst; bit 7 set when sent inside
+//!        the measured window
+//! ```
+//!
+//! A download request (kind download) carries what it asks for after the header: the burst
+//! length B (u16) and the payload size S (u32) of each datagram of the burst. The target answers
+//! it with B datagrams of S bytes (kind burst) as GSO trains; each carries the request's run tag,
+//! flow, measured bit and send time, and sequence `request sequence * B + i` for i in 0..B, so
+//! the client tells the bursts of one flow apart and knows when one is complete.
+//!
+//! ```text
+//!  24       26       28        32
+//!  +--------+--------+---------+
+//!  | burst  | 0      | size    |   (download request, after the header)
+//!  +--------+--------+---------+
 //! ```
 //!
 //! The "measured" bit is what makes the counts exact: the target and the client count only
@@ -19,6 +33,12 @@ pub const MAGIC: [u8; 4] = *b"MQB1";
 pub const HEADER_LEN: usize = 24;
 /// Bytes of a query reply: the header and five counters.
 pub const REPLY_LEN: usize = HEADER_LEN + 5 * 8;
+/// Bytes of a download request: the header, the burst length and the datagram size.
+pub const DOWNLOAD_REQUEST_LEN: usize = HEADER_LEN + 8;
+/// Longest burst a target sends for one download request.
+pub const MAX_BURST: u16 = 4096;
+/// Largest UDP payload over IPv4 and IPv6 alike.
+pub const MAX_PAYLOAD: usize = 65_507;
 
 const MEASURED: u8 = 0x80;
 
@@ -33,6 +53,10 @@ pub enum Kind {
     Query = 2,
     /// The answer to a query.
     Reply = 3,
+    /// Answer with a burst of datagrams (a download): see [`DownloadRequest`].
+    Download = 4,
+    /// One datagram of a download burst, sent by the target.
+    Burst = 5,
 }
 
 impl Kind {
@@ -42,6 +66,8 @@ impl Kind {
             1 => Some(Kind::Sink),
             2 => Some(Kind::Query),
             3 => Some(Kind::Reply),
+            4 => Some(Kind::Download),
+            5 => Some(Kind::Burst),
             _ => None,
         }
     }
@@ -93,16 +119,58 @@ impl Header {
     }
 }
 
+/// What a download request asks for, after its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownloadRequest {
+    /// Datagrams in the burst, 1..=[`MAX_BURST`].
+    pub burst: u16,
+    /// Payload bytes of each, [`HEADER_LEN`]..=[`MAX_PAYLOAD`].
+    pub size: u32,
+}
+
+impl DownloadRequest {
+    /// Writes the request's fields after the header in `buf` (at least
+    /// [`DOWNLOAD_REQUEST_LEN`] bytes; a shorter buffer is left alone).
+    pub fn write(&self, buf: &mut [u8]) {
+        if buf.len() < DOWNLOAD_REQUEST_LEN {
+            return;
+        }
+        buf[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&self.burst.to_be_bytes());
+        buf[HEADER_LEN + 2..HEADER_LEN + 4].fill(0);
+        buf[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&self.size.to_be_bytes());
+    }
+
+    /// Reads the fields of a download request; `None` when they are missing or out of range.
+    pub fn read(buf: &[u8]) -> Option<DownloadRequest> {
+        if buf.len() < DOWNLOAD_REQUEST_LEN {
+            return None;
+        }
+        let burst = u16::from_be_bytes([buf[HEADER_LEN], buf[HEADER_LEN + 1]]);
+        let size = u32::from_be_bytes(buf[HEADER_LEN + 4..HEADER_LEN + 8].try_into().ok()?);
+        ((1..=MAX_BURST).contains(&burst) && (HEADER_LEN..=MAX_PAYLOAD).contains(&(size as usize)))
+            .then_some(DownloadRequest { burst, size })
+    }
+}
+
+/// The sequence number of datagram `i` of the burst answering request `seq` of `burst`
+/// datagrams (wrapping: a run would need 2^32 burst datagrams to wrap).
+pub fn burst_seq(seq: u32, burst: u16, i: u16) -> u32 {
+    seq.wrapping_mul(u32::from(burst))
+        .wrapping_add(u32::from(i))
+}
+
 /// What a target counted for one run tag.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TargetCounts {
-    /// Datagrams received that were sent inside the measured window.
+    /// Datagrams received that were sent inside the measured window (for a download run: the
+    /// requests).
     pub measured: u64,
     /// Their payload bytes.
     pub measured_bytes: u64,
-    /// Measured datagrams echoed back (the kernel took them).
+    /// Measured datagrams sent back toward the client that the kernel took: echoes, or the
+    /// datagrams of the bursts answering measured download requests.
     pub echoed: u64,
-    /// Measured datagrams the target could not echo (its socket buffer was full).
+    /// Measured datagrams the target could not send back (its socket buffer was full).
     pub echo_failed: u64,
     /// Every datagram of the tag, warm-up included.
     pub total: u64,
@@ -220,6 +288,25 @@ mod tests {
         assert_eq!(Header::read(&buf[..HEADER_LEN - 1]), None);
         buf[0] = b'X';
         assert_eq!(Header::read(&buf), None);
+    }
+
+    #[test]
+    fn download_request_round_trip() {
+        let mut buf = [0u8; DOWNLOAD_REQUEST_LEN];
+        let r = DownloadRequest {
+            burst: 16,
+            size: 1200,
+        };
+        r.write(&mut buf);
+        assert_eq!(DownloadRequest::read(&buf), Some(r));
+        assert_eq!(DownloadRequest::read(&buf[..HEADER_LEN]), None);
+        for (burst, size) in [(0, 1200), (MAX_BURST + 1, 1200), (16, 23), (16, 65_508)] {
+            DownloadRequest { burst, size }.write(&mut buf);
+            assert_eq!(DownloadRequest::read(&buf), None, "{burst} x {size}");
+        }
+        assert_eq!(burst_seq(3, 16, 0), 48);
+        assert_eq!(burst_seq(3, 16, 15), 63);
+        assert_eq!(burst_seq(u32::MAX, 2, 1), u32::MAX);
     }
 
     #[test]
