@@ -143,7 +143,7 @@ pub struct FlowCounters {
 #[derive(Debug)]
 pub struct Flow {
     idle_timeout: Duration,
-    max_udp_payload: usize,
+    max_udp_payload: u32,
     last_activity: Instant,
     opened: Instant,
     counters: FlowCounters,
@@ -157,7 +157,8 @@ impl Flow {
     pub fn new(now: Instant, idle_timeout: Duration, max_udp_payload: usize) -> Self {
         Self {
             idle_timeout,
-            max_udp_payload: max_udp_payload.min(MAX_UDP_PAYLOAD),
+            // MAX_UDP_PAYLOAD (65 527) fits in 32 bits.
+            max_udp_payload: max_udp_payload.min(MAX_UDP_PAYLOAD) as u32,
             last_activity: now,
             opened: now,
             counters: FlowCounters::default(),
@@ -193,7 +194,7 @@ impl Flow {
             // cannot be sent, and the proxy aborts the request stream.
             return ClientDatagram::Abort;
         }
-        if payload_len > self.max_udp_payload as u64 {
+        if payload_len > u64::from(self.max_udp_payload) {
             return self.drop(ClientDatagram::Drop(DropReason::TooLarge));
         }
         if !self.to_target_rate.try_take(now) {
@@ -211,7 +212,7 @@ impl Flow {
         now: Instant,
         payload_len: usize,
     ) -> Result<(), DropReason> {
-        if payload_len > self.max_udp_payload {
+        if payload_len > self.max_udp_payload as usize {
             self.counters.dropped += 1;
             return Err(DropReason::TooLarge);
         }

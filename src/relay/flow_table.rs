@@ -76,7 +76,6 @@ pub struct FlowEntry {
     pub client: ClientRef,
     pub version: HttpVersion,
     pub target: TargetRef,
-    pub opened: Instant,
     /// Capsules from a client whose flow travels in a byte stream (HTTP/2, HTTP/1.1).
     pub decoder: Option<Box<CapsuleDecoder>>,
     /// Reply with DATAGRAM capsules rather than QUIC DATAGRAM frames (HTTP/3 clients that
@@ -315,7 +314,6 @@ impl FlowTable {
                 client,
                 version,
                 target,
-                opened: now,
                 decoder,
                 capsules: false,
                 permit,
@@ -478,6 +476,15 @@ mod tests {
             permit,
             now,
         )
+    }
+
+    /// Memory per idle flow is a target (flow-scale reports it): the table's slot for a flow
+    /// (the slab holds it inline, with its generation) must not grow unnoticed.
+    #[test]
+    fn a_flow_slot_stays_small() {
+        let slot = std::mem::size_of::<(u32, FlowEntry)>();
+        assert!(slot <= 288, "a flow slot is {slot} bytes");
+        assert!(std::mem::size_of::<Flow>() <= 160);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct SessionConfig {
     pub client_send_buffer: usize,
 }
 
+/// Event queue capacity a session keeps once drained.
+const EVENTS_KEPT: usize = 16;
+
 /// What the session tells the worker.
 #[derive(Debug)]
 pub enum Event {
@@ -155,7 +158,8 @@ pub struct H3Session {
     uni: HashMap<StreamId, Uni>,
     /// Requests by stream: stream IDs are chosen by the client, so SipHash (std's randomly
     /// keyed default) keeps a peer from steering collisions.
-    requests: HashMap<StreamId, Request>,
+    /// Boxed: a table sized for a few hundred requests holds pointers, not requests.
+    requests: HashMap<StreamId, Box<Request>>,
     held: VecDeque<(Instant, StreamId, Bytes)>,
     closed: bool,
     lost: bool,
@@ -215,7 +219,12 @@ impl H3Session {
 
     /// The next event for the worker.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() && self.events.capacity() > EVENTS_KEPT {
+            // A burst of requests grew the queue; an idle session keeps only a little of it.
+            self.events.shrink_to(EVENTS_KEPT);
+        }
+        e
     }
 
     /// True when UDP payloads may travel in QUIC DATAGRAM frames: SETTINGS_H3_DATAGRAM sent and
@@ -343,7 +352,7 @@ impl H3Session {
             }
             self.requests.insert(
                 id,
-                Request {
+                Box::new(Request {
                     reader: RequestStreamReader::new(self.cfg.max_field_section_size),
                     state: ReqState::Head,
                     out: BytesMut::new(),
@@ -351,7 +360,7 @@ impl H3Session {
                     client_fin: false,
                     decoder: None,
                     capsules: false,
-                },
+                }),
             );
             self.read_stream(id, now, stats);
         }

@@ -12,8 +12,8 @@ use std::time::Instant;
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
+    rate: u32,
+    burst: u32,
     tokens: f64,
     last: Instant,
 }
@@ -21,23 +21,23 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket. A `rate` of 0 means unlimited.
     pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
-        let burst = f64::from(burst.max(1));
+        let burst = burst.max(1);
         Self {
-            rate: f64::from(rate),
+            rate,
             burst,
-            tokens: burst,
+            tokens: f64::from(burst),
             last: now,
         }
     }
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
-        if self.rate == 0.0 {
+        if self.rate == 0 {
             return true;
         }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.burst));
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
