@@ -5,8 +5,13 @@
 //! ring, or handed to `recvmmsg`), a socket's backlog of received datagrams, or a
 //! [`super::Received`] guard while its datagram is processed. The pool itself never moves or
 //! frees its memory while the engine lives, so a pointer given to the kernel stays valid.
+//!
+//! The memory is mapped straight from the kernel, not taken from the allocator, and kept out of
+//! transparent huge pages: a page becomes resident when a datagram first lands in it, so a pool
+//! costs what its traffic touches (a 64-byte datagram: one 4 KiB page of its 64 KiB buffer),
+//! not 2 MiB for the first datagram in each huge-page-sized stretch (mimalloc asks for huge
+//! pages on its arenas).
 
-use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
 /// Which pool a buffer belongs to.
@@ -37,7 +42,7 @@ pub struct BufRef {
 #[derive(Debug)]
 pub struct Pool {
     base: NonNull<u8>,
-    layout: Layout,
+    len: usize,
     buf_size: usize,
     count: u16,
 }
@@ -48,14 +53,31 @@ impl Pool {
     pub fn new(buf_size: usize, count: u16) -> Pool {
         assert!(count > 0 && count <= 32_768, "pool of {count} buffers");
         let buf_size = buf_size.next_multiple_of(64);
-        let layout = Layout::from_size_align(buf_size * count as usize, 4096)
-            .expect("pool layout: size fits in isize");
-        // SAFETY: the layout has a non-zero size (count > 0, buf_size >= 64).
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let base = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        let len = buf_size * count as usize;
+        // SAFETY: an anonymous private mapping of a non-zero length (count > 0, buf_size >= 64)
+        // at an address the kernel picks: it aliases nothing; zero-filled, page-aligned.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(
+            ptr != libc::MAP_FAILED,
+            "mapping a {len}-byte buffer pool: {}",
+            std::io::Error::last_os_error()
+        );
+        // Only a hint (a kernel without THP refuses it): nothing to do if it fails.
+        // SAFETY: the range is the mapping just made.
+        let _ = unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+        let base = NonNull::new(ptr.cast::<u8>()).expect("mmap never returns null here");
         Pool {
             base,
-            layout,
+            len,
             buf_size,
             count,
         }
@@ -100,8 +122,8 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout. The engine drops its pools only after
-        // the kernel has given back every buffer (or leaks them when it could not make sure).
-        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+        // SAFETY: mapped in `new` with this length. The engine drops its pools only after the
+        // kernel has given back every buffer (or leaks them when it could not make sure).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
