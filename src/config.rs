@@ -243,7 +243,12 @@ pub struct Http2Config {
     pub max_header_list_size: u32,
     /// Initial per-stream receive window, in bytes. Default 1048576.
     pub initial_stream_window: u32,
-    /// Initial connection receive window, in bytes. Default 8388608.
+    /// Initial connection receive window, in bytes. Default 2097152. It bounds what a client
+    /// has in flight on the connection, so also what waits in the relay while a busy worker
+    /// catches up: with DATAGRAM capsules of small datagrams, one DATA frame each, h2 keeps a
+    /// few hundred bytes of bookkeeping per frame on top (a full window of 64-byte datagrams
+    /// is about 31 000 frames). A window of frames of 48 bytes and more is accepted; a client
+    /// that fills it with smaller ones is closed with ENHANCE_YOUR_CALM.
     pub initial_connection_window: u32,
     /// Largest frame payload the relay accepts, in bytes (16384..=16777215). Default 65535.
     pub max_frame_size: u32,
@@ -287,7 +292,7 @@ impl Default for Http2Config {
             max_concurrent_streams: 256,
             max_header_list_size: 64 * 1024,
             initial_stream_window: 1024 * 1024,
-            initial_connection_window: 8 * 1024 * 1024,
+            initial_connection_window: 2 * 1024 * 1024,
             max_frame_size: 65_535,
             write_stall_timeout_secs: 30,
         }

@@ -733,6 +733,99 @@ fn slow_reader_memory_stays_within_the_send_buffers() {
     });
 }
 
+/// Writes DATAGRAM capsules of `payload` bytes, one DATA frame each, on every stream in turn as
+/// fast as HTTP/2 flow control lets it, for `for_how_long`. Returns the capsules written, or
+/// the error that ended the writing (the relay closed the connection).
+async fn small_capsule_flood(
+    flows: &mut [(h2::SendStream<Bytes>, h2::RecvStream)],
+    payload: usize,
+    for_how_long: Duration,
+) -> (u64, Option<String>) {
+    let capsule = Bytes::from(datagram(&vec![7u8; payload]));
+    let started = Instant::now();
+    let mut written = 0u64;
+    while started.elapsed() < for_how_long {
+        for (send, _) in flows.iter_mut() {
+            send.reserve_capacity(64 * capsule.len());
+            let cap = tokio::time::timeout(
+                Duration::from_millis(500),
+                std::future::poll_fn(|cx| send.poll_capacity(cx)),
+            )
+            .await;
+            let n = match cap {
+                // The relay is behind: flow control holds this stream back for now.
+                Err(_) => continue,
+                Ok(Some(Ok(n))) => n / capsule.len(),
+                Ok(Some(Err(e))) => return (written, Some(e.to_string())),
+                Ok(None) => return (written, Some("stream closed".into())),
+            };
+            for _ in 0..n {
+                if let Err(e) = send.send_data(capsule.clone(), false) {
+                    return (written, Some(e.to_string()));
+                }
+                written += 1;
+            }
+        }
+    }
+    (written, None)
+}
+
+/// A client that writes small datagrams faster than the worker relays them (a fast sender, not
+/// an attacker) is held back by HTTP/2 flow control: what its connection task has read and the
+/// pass has not taken is bounded (the task stops reading; h2 buffers up to the windows), and
+/// the connection is not mistaken for a small-frame flood (h2's ENHANCE_YOUR_CALM), so it
+/// stays open and its flows keep working.
+#[test]
+fn a_client_sending_small_datagrams_faster_than_they_are_relayed_is_held_back() {
+    serial(|| async {
+        let relay = RelayProc::start(RelayOpts {
+            metrics: true,
+            ..Default::default()
+        });
+        let echo = EchoTarget::start("127.0.0.1:0");
+        let prober = Prober::start(&relay, Proto::H2, echo.addr);
+        let sink = SinkTarget::start();
+        const FLOWS: usize = 8;
+        let ((written, ended, echoed), f) = measure(&relay, &prober, async {
+            let mut client = relay.h2().await;
+            let mut flows = Vec::new();
+            for _ in 0..FLOWS {
+                let (resp, send, body) =
+                    connect_udp(&mut client, &udp_path("127.0.0.1", sink.addr.port())).await;
+                assert_eq!(resp.status, 200);
+                flows.push((send, body));
+            }
+            let (written, ended) =
+                small_capsule_flood(&mut flows, 64, Duration::from_secs(4)).await;
+            // The same connection still opens flows and relays.
+            let (resp, mut send, mut body) =
+                connect_udp(&mut client, &udp_path("127.0.0.1", echo.addr.port())).await;
+            let echoed = resp.status == 200 && h2_echo(&mut send, &mut body, b"still here").await;
+            (written, ended, echoed)
+        })
+        .await;
+        let closed = relay.metric(
+            "masque_relay_connections_closed_total",
+            &[r#"protocol="h2""#, r#"reason="protocol_error""#],
+        );
+        f.report(
+            "8",
+            "fast_small_datagram_sender",
+            &format!(
+                "{FLOWS} flows, {written} capsules of 64-byte datagrams written in 4 s, one DATA \
+                 frame each; the sink received {}; writing ended: {ended:?}",
+                sink.received.load(Ordering::Relaxed)
+            ),
+        );
+        assert_eq!(ended, None, "the relay ended the fast client's connection");
+        assert_eq!(closed, 0.0, "a connection was closed as a protocol error");
+        assert!(echoed, "the fast client's connection no longer relays");
+        assert!(written > 10_000, "the flood hardly ran: {written} capsules");
+        // Without the bound, what was read and not yet relayed grows by tens of MiB a second.
+        f.assert_bounded(32 * MIB, FD_SLACK);
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Capsule abuse
 

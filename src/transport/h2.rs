@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use crate::ctx::WorkerCtx;
 use crate::proto::connect_udp::{HttpVersion, OwnedRequest};
 use crate::relay::flow::CloseReason;
-use crate::worker::core::{CoreMsg, TcpAnswer, TcpConnId, TcpCtl};
+use crate::transport::link::{CoreMsg, Credit, TcpAnswer, TcpConnId, TcpCtl, CREDIT_BYTES};
 
 const VERSION: HttpVersion = HttpVersion::Http2;
 
@@ -176,6 +176,18 @@ impl Bodies {
     }
 }
 
+/// h2's framing-overhead budget for a connection window of `window` bytes: each buffered DATA
+/// frame of n < 256 payload bytes takes 256 - n of it, so a full window of frames of
+/// [`MIN_FULL_WINDOW_FRAME`] bytes fits.
+fn data_frame_budget(window: u32) -> usize {
+    let frames = window as usize / MIN_FULL_WINDOW_FRAME;
+    frames * (256 - MIN_FULL_WINDOW_FRAME)
+}
+
+/// The smallest average DATA frame (a DATAGRAM capsule of a 45-byte payload) of which a client
+/// may fill the whole connection window while the worker catches up.
+const MIN_FULL_WINDOW_FRAME: usize = 48;
+
 /// Serves one HTTP/2 connection (after TLS and ALPN `h2`) until it closes.
 pub(crate) async fn serve<T>(
     ctx: WorkerCtx,
@@ -188,13 +200,15 @@ where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let (ctl_tx, mut ctl) = mpsc::unbounded_channel();
+    let credit = Credit::new(CREDIT_BYTES);
     let _ = core.send(CoreMsg::TcpOpen {
         conn,
         version: VERSION,
         tls_identity,
         ctl: ctl_tx,
+        credit: credit.clone(),
     });
-    let result = run(&ctx, io, &core, conn, &mut ctl).await;
+    let result = run(&ctx, io, &core, conn, &mut ctl, &credit).await;
     let _ = core.send(CoreMsg::TcpClosed { conn });
     result
 }
@@ -205,6 +219,7 @@ async fn run<T>(
     core: &mpsc::UnboundedSender<CoreMsg>,
     conn: TcpConnId,
     ctl: &mut mpsc::UnboundedReceiver<TcpCtl>,
+    credit: &Credit,
 ) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
@@ -225,7 +240,13 @@ where
         // Rapid-reset style abuse: cap streams reset before the application saw them, and
         // streams the relay itself reset, per connection.
         .max_pending_accept_reset_streams(64)
-        .max_local_error_reset_streams(Some(256));
+        .max_local_error_reset_streams(Some(256))
+        // h2 closes a connection (ENHANCE_YOUR_CALM) whose buffered small DATA frames exceed a
+        // budget, by default half the connection window: a window of DATA frames below 128
+        // bytes each. A client sending small datagrams (a 64-byte payload is a 67-byte frame)
+        // fills the window with exactly those whenever the worker falls behind, so the budget
+        // covers a full window of frames of 48 bytes and more; smaller ones are still refused.
+        .data_frame_budget(data_frame_budget(h2cfg.initial_connection_window));
     let mut h2c = builder.handshake::<_, Bytes>(io).await?;
     let mut phase = ctx.phase.clone();
     let mut draining = false;
@@ -267,14 +288,18 @@ where
                     answer: TcpAnswer::H2(respond),
                 });
             }
-            item = bodies.next(), if !bodies.is_empty() => match item {
+            // Bodies are read while the pass keeps up; else h2 buffers what arrives (up to the
+            // windows, which then hold the client back) until it has taken half of it.
+            item = bodies.next(), if !bodies.is_empty() && credit.has_room() => match item {
                 Item::Chunk(stream, data) => {
+                    credit.spend(data.len());
                     let _ = core.send(CoreMsg::Chunk { conn, stream, data });
                 }
                 Item::End(stream, reason) => {
                     let _ = core.send(CoreMsg::ClientEnd { conn, stream, reason });
                 }
             },
+            () = credit.room(), if !credit.has_room() => {}
             Some(TcpCtl::Drop(stream)) = ctl.recv() => {
                 // The relay ended this flow: its body is no longer read.
                 bodies.remove(stream);

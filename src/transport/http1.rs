@@ -15,7 +15,7 @@ use crate::ctx::WorkerCtx;
 use crate::proto::connect_udp::{has_token, HttpVersion, OwnedRequest, Rejection};
 use crate::proto::sf::ProxyError;
 use crate::relay::flow::CloseReason;
-use crate::worker::core::{CoreMsg, TcpAnswer, TcpConnId};
+use crate::transport::link::{CoreMsg, Credit, TcpAnswer, TcpConnId, CREDIT_BYTES};
 
 const VERSION: HttpVersion = HttpVersion::Http11;
 /// Largest request head accepted; a longer one gets 431.
@@ -163,13 +163,15 @@ where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let (ctl_tx, _ctl) = mpsc::unbounded_channel();
+    let credit = Credit::new(CREDIT_BYTES);
     let _ = core.send(CoreMsg::TcpOpen {
         conn,
         version: VERSION,
         tls_identity,
         ctl: ctl_tx,
+        credit: credit.clone(),
     });
-    let result = run(&ctx, io, &core, conn).await;
+    let result = run(&ctx, io, &core, conn, &credit).await;
     let _ = core.send(CoreMsg::TcpClosed { conn });
     result
 }
@@ -179,6 +181,7 @@ async fn run<T>(
     mut io: T,
     core: &mpsc::UnboundedSender<CoreMsg>,
     conn: TcpConnId,
+    credit: &Credit,
 ) -> std::io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
@@ -258,6 +261,7 @@ where
     buf.advance(head.len);
     if !buf.is_empty() {
         let data = buf.split().freeze();
+        credit.spend(data.len());
         let _ = core.send(CoreMsg::Chunk {
             conn,
             stream: 0,
@@ -271,7 +275,9 @@ where
             buf.reserve(16 * 1024);
         }
         tokio::select! {
-            n = r.read_buf(&mut buf), if reading => match n {
+            // Read while the pass keeps up; else TCP holds the client back until the pass has
+            // taken half of what it was handed.
+            n = r.read_buf(&mut buf), if reading && credit.has_room() => match n {
                 Ok(0) | Err(_) => {
                     let reason = if n.is_ok() { CloseReason::ClientEnd } else { CloseReason::ClientAbort };
                     reading = false;
@@ -279,9 +285,11 @@ where
                 }
                 Ok(_) => {
                     let data = buf.split().freeze();
+                    credit.spend(data.len());
                     let _ = core.send(CoreMsg::Chunk { conn, stream: 0, data });
                 }
             },
+            () = credit.room(), if reading && !credit.has_room() => {}
             capsule = out.recv() => match capsule {
                 Some(c) => {
                     w.write_all(&c).await?;

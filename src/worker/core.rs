@@ -24,25 +24,27 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use quinn_proto::{ConnectionHandle, StreamId, VarInt};
 use rustc_hash::FxHashMap;
 use slab::Slab;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::ctx::{Phase, WorkerCtx};
 use crate::io::dgram::{Engine, Role, SockError, SockId};
 use crate::metrics::{send_tag, Direction};
 use crate::proto::capsule::{self, CapsuleDecoder, Event as CapsuleEvent};
-use crate::proto::connect_udp::{HttpVersion, OwnedRequest, Rejection};
+use crate::proto::connect_udp::{HttpVersion, Rejection};
 use crate::relay::admission::{admit, Admitted, ConnAdmission};
 use crate::relay::auth::CHALLENGE;
 use crate::relay::flow::{ClientDatagram, CloseReason, DropReason, Flow};
 use crate::relay::flow_table::{Assign, ClientRef, FlowId, FlowTable, TargetRef};
 use crate::relay::h3::{share, Accepted, Event as H3Event};
+use crate::transport::link::{CoreMsg, Credit, TcpAnswer, TcpConnId, TcpCtl};
 use crate::transport::quic::{self, EngineOut, QuicDriver};
 use crate::transport::target;
 
@@ -60,77 +62,6 @@ const EXPIRE_BUDGET: usize = 1024;
 const DRIVE_ROUNDS: usize = 3;
 /// Capsule chunks held per stream while its request is being opened.
 const EARLY_CHUNKS: usize = 16;
-
-/// A TCP connection's handle in the pass (the accept loop numbers them).
-pub(crate) type TcpConnId = u32;
-
-/// What a connection task (or a resolution) tells the pass.
-#[derive(Debug)]
-pub(crate) enum CoreMsg {
-    /// An HTTP/2 or HTTP/1.1 connection completed its handshake.
-    TcpOpen {
-        conn: TcpConnId,
-        version: HttpVersion,
-        tls_identity: Option<String>,
-        ctl: mpsc::UnboundedSender<TcpCtl>,
-    },
-    /// A request head; the pass answers it through `answer`.
-    Request {
-        conn: TcpConnId,
-        stream: u32,
-        request: OwnedRequest,
-        started: Instant,
-        answer: TcpAnswer,
-    },
-    /// Bytes of a flow's capsule stream, as the client sent them.
-    Chunk {
-        conn: TcpConnId,
-        stream: u32,
-        data: Bytes,
-    },
-    /// The client ended (END_STREAM, EOF) or aborted (reset, I/O error) a stream.
-    ClientEnd {
-        conn: TcpConnId,
-        stream: u32,
-        reason: CloseReason,
-    },
-    /// The connection is gone.
-    TcpClosed { conn: TcpConnId },
-    /// A host name resolved (or not) for a pending request.
-    Resolved {
-        key: usize,
-        serial: u64,
-        result: Result<Vec<SocketAddr>, Rejection>,
-    },
-}
-
-/// How a TCP connection's request is answered.
-pub(crate) enum TcpAnswer {
-    /// HTTP/2: the pass sends the response itself and keeps the stream's send half.
-    H2(h2::server::SendResponse<Bytes>),
-    /// HTTP/1.1: the connection task writes `101` or the refusal; target datagrams come to it
-    /// as encoded capsules through `out`.
-    H1 {
-        reply: oneshot::Sender<Result<(), Rejection>>,
-        out: mpsc::Sender<Bytes>,
-    },
-}
-
-impl std::fmt::Debug for TcpAnswer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            TcpAnswer::H2(_) => "H2",
-            TcpAnswer::H1 { .. } => "H1",
-        })
-    }
-}
-
-/// What the pass tells a connection task.
-#[derive(Debug)]
-pub(crate) enum TcpCtl {
-    /// The flow on this stream ended from the relay's side: stop reading its body.
-    Drop(u32),
-}
 
 /// Who asked for a flow.
 enum Asker {
@@ -178,6 +109,7 @@ struct TcpConn {
     streams: HashMap<u32, TcpFlow>,
     early: HashMap<u32, Early>,
     ctl: mpsc::UnboundedSender<TcpCtl>,
+    credit: Arc<Credit>,
 }
 
 /// The pass's state.
@@ -573,6 +505,7 @@ impl Core {
                 version,
                 tls_identity,
                 ctl,
+                credit,
             } => {
                 let admission = ConnAdmission::new(&self.ctx.shared().config, tls_identity, now);
                 self.tcp.insert(
@@ -583,6 +516,7 @@ impl Core {
                         streams: HashMap::new(),
                         early: HashMap::new(),
                         ctl,
+                        credit,
                     },
                 );
             }
@@ -621,6 +555,8 @@ impl Core {
                 let Some(t) = self.tcp.get_mut(&conn) else {
                     return;
                 };
+                // Taken: relayed, dropped or held (a bounded few) below.
+                t.credit.give_back(data.len());
                 if let Some(f) = t.streams.get(&stream) {
                     let id = f.flow;
                     if let Some(r) = self.capsules(id, &data, now) {

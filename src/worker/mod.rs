@@ -96,7 +96,7 @@ pub fn run(
 async fn accept_loop(
     ctx: WorkerCtx,
     listener: TcpListener,
-    tx: tokio::sync::mpsc::UnboundedSender<core::CoreMsg>,
+    tx: tokio::sync::mpsc::UnboundedSender<crate::transport::link::CoreMsg>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
