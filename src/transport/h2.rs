@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::ctx::WorkerCtx;
 use crate::proto::connect_udp::{HttpVersion, OwnedRequest};
 use crate::relay::flow::CloseReason;
+use crate::transport::coalesce::{coalesce, Coalesce, Flusher};
 use crate::transport::link::{CoreMsg, Credit, TcpAnswer, TcpConnId, TcpCtl, CREDIT_BYTES};
 
 const VERSION: HttpVersion = HttpVersion::Http2;
@@ -247,7 +248,41 @@ where
         // fills the window with exactly those whenever the worker falls behind, so the budget
         // covers a full window of frames of 48 bytes and more; smaller ones are still refused.
         .data_frame_budget(data_frame_budget(h2cfg.initial_connection_window));
-    let mut h2c = builder.handshake::<_, Bytes>(io).await?;
+    // h2 flushes every DATA frame over 256 bytes on its own; its writes are gathered and go to
+    // TLS together, once per wake-up of this task.
+    let (io, flusher) = coalesce(io);
+    let r = serve_connection(ctx, builder, io, &flusher, core, conn, ctl, credit).await;
+    // What h2 wrote last (GOAWAY, a reset) still goes out, within a bound.
+    let _ = tokio::time::timeout(FINAL_FLUSH, flusher.flush()).await;
+    r
+}
+
+/// How long the last bytes of a closing connection may take to leave.
+const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<T>(
+    ctx: &WorkerCtx,
+    builder: h2::server::Builder,
+    io: Coalesce<T>,
+    flusher: &Flusher<T>,
+    core: &mpsc::UnboundedSender<CoreMsg>,
+    conn: TcpConnId,
+    ctl: &mut mpsc::UnboundedReceiver<TcpCtl>,
+    credit: &Credit,
+) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let handshake = builder.handshake::<_, Bytes>(io);
+    tokio::pin!(handshake);
+    // The SETTINGS frame goes out while h2 waits for the client's preface.
+    let mut h2c = loop {
+        tokio::select! {
+            r = &mut handshake => break r?,
+            _ = flusher.flushed() => {}
+        }
+    };
     let mut phase = ctx.phase.clone();
     let mut draining = false;
     let mut bodies = Bodies::new();
@@ -300,6 +335,9 @@ where
                 }
             },
             () = credit.room(), if !credit.has_room() => {}
+            // h2's writes of this wake-up, together (no guard: see `Flusher::flushed`). A
+            // failure ends the connection through h2's next read or write.
+            _ = flusher.flushed() => {}
             Some(TcpCtl::Drop(stream)) = ctl.recv() => {
                 // The relay ended this flow: its body is no longer read.
                 bodies.remove(stream);

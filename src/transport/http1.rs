@@ -268,7 +268,10 @@ where
             data,
         });
     }
-    let (mut r, mut w) = tokio::io::split(io);
+    let (mut r, w) = tokio::io::split(io);
+    // The capsules ready at one wake-up go to TLS as one write (one record, one syscall),
+    // not one each.
+    let mut w = tokio::io::BufWriter::with_capacity(64 * 1024, w);
     let mut reading = true;
     loop {
         if buf.capacity() < 2048 {

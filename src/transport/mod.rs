@@ -2,6 +2,7 @@
 //! the pass drives; the HTTP/3 session over it is in `relay::h3`), TLS, the HTTP/2 and
 //! HTTP/1.1 connection tasks and what they tell the pass (`link`), the write-stall guard, and target name resolution and choice.
 
+pub(crate) mod coalesce;
 pub mod h2;
 pub mod http1;
 pub(crate) mod link;
