@@ -243,8 +243,9 @@ where
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(Some(256))
         // h2 closes a connection (ENHANCE_YOUR_CALM) whose buffered small DATA frames exceed a
-        // budget, by default half the connection window: a window of DATA frames below 128
-        // bytes each. A client sending small datagrams (a 64-byte payload is a 67-byte frame)
+        // budget, by default half the connection window: reached by a full window of DATA
+        // frames below about 170 bytes each. A client sending small datagrams (a 64-byte
+        // payload is a 67-byte frame)
         // fills the window with exactly those whenever the worker falls behind, so the budget
         // covers a full window of frames of 48 bytes and more; smaller ones are still refused.
         .data_frame_budget(data_frame_budget(h2cfg.initial_connection_window));
