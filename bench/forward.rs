@@ -241,12 +241,13 @@ mod tests {
     use super::*;
     use crate::target::TargetThread;
 
-    #[test]
-    fn forwards_both_ways_per_flow() {
-        let target = TargetThread::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    /// A forwarder to `target` on a thread of its own for 3 s: its front address and the
+    /// thread, which returns its totals.
+    fn forwarder(
+        target: SocketAddr,
+    ) -> (SocketAddr, std::thread::JoinHandle<std::io::Result<Totals>>) {
         let front = mmsg::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = front.local_addr().unwrap();
-        let taddr = target.addr;
         let fwd = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -255,9 +256,16 @@ mod tests {
             let local = tokio::task::LocalSet::new();
             local.block_on(
                 &rt,
-                serve(front, taddr, Instant::now() + Duration::from_secs(3)),
+                serve(front, target, Instant::now() + Duration::from_secs(3)),
             )
         });
+        (addr, fwd)
+    }
+
+    #[test]
+    fn forwards_both_ways_per_flow() {
+        let target = TargetThread::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let (addr, fwd) = forwarder(target.addr);
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -290,20 +298,7 @@ mod tests {
         use crate::mmsg::{GsoTx, Train};
         use crate::wire::{query_target, DownloadRequest, Kind, DOWNLOAD_REQUEST_LEN};
         let target = TargetThread::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        let front = mmsg::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = front.local_addr().unwrap();
-        let taddr = target.addr;
-        let fwd = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(
-                &rt,
-                serve(front, taddr, Instant::now() + Duration::from_secs(3)),
-            )
-        });
+        let (addr, fwd) = forwarder(target.addr);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -359,7 +354,7 @@ mod tests {
                 assert_eq!((h.kind, h.flow, h.seq), (Kind::Burst, 3, 20 + i));
             }
         });
-        let c = query_target(taddr, 6).unwrap();
+        let c = query_target(target.addr, 6).unwrap();
         assert_eq!((c.measured, c.echoed), (17, 20));
         assert_eq!(c.measured_bytes, 16 * 1200 + DOWNLOAD_REQUEST_LEN as u64);
         let t = fwd.join().unwrap().unwrap();

@@ -141,6 +141,26 @@ fn closed_inflight(flows: usize, mode: Mode, burst: u16) -> u32 {
     (64 / flows.max(1).saturating_mul(per_request)).max(1) as u32
 }
 
+/// The `udp` load through a raw forwarder started for it (pinned to `core`, living `lifetime`):
+/// `Err` when the forwarder does not start, `None` (and a line on standard error) when the run
+/// fails.
+fn raw_forward(
+    udp: &LoadArgs,
+    label: &str,
+    target: std::net::SocketAddr,
+    core: usize,
+    lifetime: Duration,
+) -> Result<Option<crate::report::RunReport>, BenchError> {
+    let fwd = spawn::start_forwarder(target, Some(core), lifetime)?;
+    match crate::run::run(udp.spec(label, fwd.addr, target, Some(fwd.pid()), None)) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) => {
+            eprintln!("suite: {label}: {e}");
+            Ok(None)
+        }
+    }
+}
+
 /// The LoadArgs of a suite cell.
 fn cell_args(
     relay_core: usize,
@@ -330,18 +350,8 @@ pub fn suite(a: SuiteArgs) -> Result<(), BenchError> {
                     Err(e) => eprintln!("suite: {label}: {e}"),
                 }
                 let lifetime = Duration::from_secs_f64(warmup + duration + 90.0);
-                let fwd = spawn::start_forwarder(target.addr, Some(a.relay_core), lifetime)?;
                 let label = format!("raw-forward-{size}B-{f}f-{}", mode.as_str());
-                match crate::run::run(udp.spec(
-                    &label,
-                    fwd.addr,
-                    target.addr,
-                    Some(fwd.pid()),
-                    None,
-                )) {
-                    Ok(r) => raw = Some(r),
-                    Err(e) => eprintln!("suite: {label}: {e}"),
-                }
+                raw = raw_forward(&udp, &label, target.addr, a.relay_core, lifetime)?;
             }
             for &p in &a.protocols {
                 let mut args = base.clone();
@@ -517,19 +527,8 @@ fn io_compare(
             udp.connections = IO_COMPARE_FLOWS.div_ceil(100);
             let label = format!("raw-forward-{size}B-{IO_COMPARE_FLOWS}f-echo");
             let lifetime = Duration::from_secs_f64(warmup + duration + 90.0);
-            match spawn::start_forwarder(target.addr, Some(a.relay_core), lifetime) {
-                Ok(fwd) => {
-                    match crate::run::run(udp.spec(
-                        &label,
-                        fwd.addr,
-                        target.addr,
-                        Some(fwd.pid()),
-                        None,
-                    )) {
-                        Ok(r) => raw = Some(r),
-                        Err(e) => eprintln!("suite: {label}: {e}"),
-                    }
-                }
+            match raw_forward(&udp, &label, target.addr, a.relay_core, lifetime) {
+                Ok(r) => raw = r,
                 Err(e) => eprintln!("suite: {label}: {e}"),
             }
             let raw_cpu = raw

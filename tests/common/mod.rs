@@ -24,6 +24,15 @@ use tokio::net::TcpStream;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Waits (polling every 10 ms) until `cond` holds; fails with `why()` after [`TIMEOUT`].
+pub async fn eventually(mut cond: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{}", why());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The datagram backend the relays of this test binary run on. Every loopback test file runs
 /// twice: as itself (io_uring when this machine offers it, `auto`) and through a `*_mmsg.rs`
 /// twin that includes it as a module named `on_mmsg`, which runs it on the recvmmsg/sendmmsg
