@@ -64,7 +64,7 @@ fn table(n: usize, now: Instant) -> (FlowTable, Vec<(u32, SocketAddr, FlowId)>) 
         let id = t.open(
             Flow::new(now, Duration::from_secs(120), 65_527),
             ClientRef::H3 {
-                conn: i / 256,
+                conn: (i / 256) as u32,
                 stream: 4 * (i % 256) as u64,
             },
             HttpVersion::Http3,

@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use crate::proto::capsule::MAX_UDP_PAYLOAD;
-use crate::relay::limits::TokenBucket;
 
 /// What to do with an HTTP Datagram the client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,41 +138,92 @@ pub struct FlowCounters {
     pub dropped: u64,
 }
 
+/// One direction's token bucket of a flow's datagram rate limit: the rate and burst are the
+/// flow's, time is milliseconds since the flow opened (8 bytes, where a general
+/// [`crate::relay::limits::TokenBucket`] takes 32; a flow has two and there may be 100 000
+/// flows).
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f32,
+    /// When the bucket was last filled, in ms since the flow opened (wrapping after 49 days:
+    /// the bucket is then full either way).
+    last_ms: u32,
+}
+
+impl Bucket {
+    fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let now = now_ms as u32;
+        let elapsed = now.wrapping_sub(self.last_ms);
+        self.last_ms = now;
+        self.tokens = (self.tokens + elapsed as f32 * rate as f32 / 1000.0).min(burst as f32);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The state of one flow.
 #[derive(Debug)]
 pub struct Flow {
-    idle_timeout: Duration,
-    max_udp_payload: u32,
-    last_activity: Instant,
     opened: Instant,
+    last_activity: Instant,
+    idle_ms: u32,
+    max_udp_payload: u32,
     counters: FlowCounters,
-    /// Datagram rate limits, client to target and target to client.
-    to_target_rate: TokenBucket,
-    to_client_rate: TokenBucket,
+    /// Datagram rate limit of each direction: datagrams per second (0: unlimited), burst.
+    rate: u32,
+    burst: u32,
+    to_target_rate: Bucket,
+    to_client_rate: Bucket,
 }
 
 impl Flow {
     /// A flow opened at `now`.
     pub fn new(now: Instant, idle_timeout: Duration, max_udp_payload: usize) -> Self {
         Self {
-            idle_timeout,
+            opened: now,
+            last_activity: now,
+            // Idle timeouts are whole milliseconds, up to 49 days.
+            idle_ms: u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX),
             // MAX_UDP_PAYLOAD (65 527) fits in 32 bits.
             max_udp_payload: max_udp_payload.min(MAX_UDP_PAYLOAD) as u32,
-            last_activity: now,
-            opened: now,
             counters: FlowCounters::default(),
-            to_target_rate: TokenBucket::new(0, 1, now),
-            to_client_rate: TokenBucket::new(0, 1, now),
+            rate: 0,
+            burst: 1,
+            to_target_rate: Bucket {
+                tokens: 1.0,
+                last_ms: 0,
+            },
+            to_client_rate: Bucket {
+                tokens: 1.0,
+                last_ms: 0,
+            },
         }
     }
 
     /// Limits each direction to `per_second` datagrams (0: unlimited), with a burst of a tenth
-    /// of a second's worth (at least 64).
+    /// of a second's worth (at least 64); the buckets start full.
     pub fn with_rate_limit(mut self, per_second: u32, now: Instant) -> Self {
-        let burst = (per_second / 10).max(64);
-        self.to_target_rate = TokenBucket::new(per_second, burst, now);
-        self.to_client_rate = TokenBucket::new(per_second, burst, now);
+        self.rate = per_second;
+        self.burst = (per_second / 10).max(64);
+        let full = Bucket {
+            tokens: self.burst as f32,
+            last_ms: self.ms(now) as u32,
+        };
+        self.to_target_rate = full;
+        self.to_client_rate = full;
         self
+    }
+
+    /// Milliseconds since the flow opened.
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.opened).as_millis() as u64
     }
 
     /// Decides what to do with an HTTP Datagram from the client.
@@ -197,7 +247,8 @@ impl Flow {
         if payload_len > u64::from(self.max_udp_payload) {
             return self.drop(ClientDatagram::Drop(DropReason::TooLarge));
         }
-        if !self.to_target_rate.try_take(now) {
+        let ms = self.ms(now);
+        if !self.to_target_rate.take(ms, self.rate, self.burst) {
             return self.drop(ClientDatagram::Drop(DropReason::RateLimit));
         }
         self.last_activity = now;
@@ -216,7 +267,8 @@ impl Flow {
             self.counters.dropped += 1;
             return Err(DropReason::TooLarge);
         }
-        if !self.to_client_rate.try_take(now) {
+        let ms = self.ms(now);
+        if !self.to_client_rate.take(ms, self.rate, self.burst) {
             self.counters.dropped += 1;
             return Err(DropReason::RateLimit);
         }
@@ -250,7 +302,7 @@ impl Flow {
 
     /// When the flow must be looked at again: the idle deadline.
     pub fn poll_timeout(&self) -> Instant {
-        self.last_activity + self.idle_timeout
+        self.last_activity + Duration::from_millis(u64::from(self.idle_ms))
     }
 
     /// Called when the timer fires; returns `Some(Idle)` once the flow has really been idle.
@@ -361,9 +413,31 @@ mod tests {
             .filter(|_| f.on_target_datagram(t0, 10).is_ok())
             .count();
         assert_eq!(back, 100);
-        // A second later the buckets are full again.
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(f.on_client_datagram(t1, 0, 10), ClientDatagram::Forward);
+        // The bucket refills at the rate: 10 more after 10 ms, and a second later it is
+        // full again (the burst, no more).
+        let t1 = t0 + Duration::from_millis(10);
+        let refill = (0..200)
+            .filter(|_| f.on_client_datagram(t1, 0, 10) == ClientDatagram::Forward)
+            .count();
+        assert_eq!(refill, 10);
+        let t2 = t1 + Duration::from_secs(1);
+        let full = (0..200)
+            .filter(|_| f.on_client_datagram(t2, 0, 10) == ClientDatagram::Forward)
+            .count();
+        assert_eq!(full, 100);
+        // Unlimited flows take every datagram.
+        let mut u = flow(t0);
+        assert!((0..10_000).all(|_| u.on_client_datagram(t0, 0, 1) == ClientDatagram::Forward));
+    }
+
+    /// A flow's state is most of a flow's memory, and there may be 100 000 of them.
+    #[test]
+    fn a_flow_stays_small() {
+        assert!(
+            std::mem::size_of::<Flow>() <= 104,
+            "{}",
+            std::mem::size_of::<Flow>()
+        );
     }
 
     #[test]

@@ -18,17 +18,23 @@
 //! for [`QUARANTINE`], so late replies meant for the old flow can never reach a new flow's
 //! client.
 //!
-//! **Timers are lazy.** A flow's idle deadline enters the timer set when the flow opens and is
-//! checked when it falls due; datagrams only move the flow's last-activity time, never the
-//! timer set.
+//! **Timers are lazy and coarse.** A flow's idle deadline puts it in the bucket of [`TICK`]
+//! that holds the deadline when the flow opens, and the flow is looked at when that bucket
+//! has passed; datagrams only move the flow's last-activity time, never the timer. A flow that
+//! was active meanwhile moves to the bucket of its new deadline. So a flow closes at most one
+//! tick after its idle timeout, and the timer costs a flow 4 bytes (its index in a bucket)
+//! plus its place in that bucket, kept in its slot so a closing flow leaves in O(1).
+//!
+//! **Memory per flow is a target** (`masque-bench flow-scale` reports it): the slots grow a
+//! page at a time ([`Slots`]), and the demux entry is 36 bytes.
 //!
 //! [`assign`]: FlowTable::assign
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use slab::Slab;
+use crate::relay::slots::Slots;
 
 use crate::proto::capsule::CapsuleDecoder;
 use crate::proto::connect_udp::HttpVersion;
@@ -46,6 +52,10 @@ pub const SPREAD: usize = 64;
 /// closes it: the pool shrinks back after a burst of flows.
 pub const EGRESS_IDLE: Duration = Duration::from_secs(1);
 
+/// The idle timers' granularity: a flow closes within this much after its idle timeout.
+pub const TICK: Duration = Duration::from_millis(50);
+const TICK_MS: u64 = TICK.as_millis() as u64;
+
 /// A flow: its slab index and the generation that owns it (a stale id finds nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowId {
@@ -57,7 +67,7 @@ pub struct FlowId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientRef {
     /// HTTP/3: the QUIC connection (quinn-proto's handle) and the request stream.
-    H3 { conn: usize, stream: u64 },
+    H3 { conn: u32, stream: u64 },
     /// HTTP/2 or HTTP/1.1: the worker's TCP connection and the stream (0 on HTTP/1.1).
     Tcp { conn: u32, stream: u32 },
 }
@@ -83,8 +93,37 @@ pub struct FlowEntry {
     pub capsules: bool,
     /// The flow's slot in the relay-wide and per-identity caps, given back when it goes.
     pub permit: FlowPermit,
-    /// The deadline this flow has in the timer set.
-    deadline: Instant,
+    /// Where the flow's idle timer is: its bucket and its place there (`bucket` is `NO_TIMER`
+    /// once the timer has fired).
+    bucket: u32,
+    pos: u32,
+}
+
+const NO_TIMER: u32 = u32::MAX;
+
+/// A demux key: an egress socket and a peer address, packed (36 bytes with the value, where
+/// `(u32, SocketAddr)` and an `Instant` took 64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PairKey {
+    egress: u32,
+    port: u16,
+    v6: bool,
+    ip: [u8; 16],
+}
+
+impl PairKey {
+    fn new(egress: u32, addr: SocketAddr) -> Self {
+        let (v6, ip) = match addr.ip() {
+            IpAddr::V4(a) => (false, a.to_ipv6_mapped().octets()),
+            IpAddr::V6(a) => (true, a.octets()),
+        };
+        PairKey {
+            egress,
+            port: addr.port(),
+            v6,
+            ip,
+        }
+    }
 }
 
 /// One egress socket's use.
@@ -101,8 +140,9 @@ struct Egress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pair {
     Flow(FlowId),
-    /// Freed by a closed flow; out of use until then.
-    Quarantined(Instant),
+    /// Freed by a closed flow; out of use until its quarantine (this sequence number in the
+    /// quarantine queue) ends.
+    Quarantined(u32),
 }
 
 /// Per target address: how many flows go there, how many (socket, address) pairs it holds
@@ -127,11 +167,10 @@ pub enum Assign {
 /// The worker's flows.
 #[derive(Debug)]
 pub struct FlowTable {
-    flows: Slab<(u32, FlowEntry)>,
-    next_gen: u32,
+    flows: Slots<FlowEntry>,
     /// (egress socket, target or source address) -> flow. Keys a peer chooses: SipHash with a
     /// random key (std's default), so collisions cannot be steered.
-    demux: HashMap<(u32, SocketAddr), Pair>,
+    demux: HashMap<PairKey, Pair>,
     remotes: HashMap<SocketAddr, Remote>,
     /// Egress socket indices per address family: [IPv4, IPv6].
     sockets: [Vec<u32>; 2],
@@ -142,8 +181,13 @@ pub struct FlowTable {
     /// Egress sockets as they became idle, oldest first (an entry whose socket has been used
     /// since is skipped).
     idle: VecDeque<(Instant, u32)>,
-    timers: BTreeSet<(Instant, FlowId)>,
-    quarantine: VecDeque<(Instant, u32, SocketAddr)>,
+    /// Idle timers: bucket number (ticks since `epoch`) -> slot indices of its flows.
+    timers: BTreeMap<u32, Vec<u32>>,
+    /// Time zero of the timer buckets.
+    epoch: Instant,
+    /// Quarantined pairs in the order they end: (end, sequence number, pair).
+    quarantine: VecDeque<(Instant, u32, PairKey, SocketAddr)>,
+    next_quarantine: u32,
 }
 
 impl Default for FlowTable {
@@ -159,16 +203,64 @@ fn family(a: &SocketAddr) -> usize {
 impl FlowTable {
     pub fn new() -> Self {
         FlowTable {
-            flows: Slab::new(),
-            next_gen: 0,
+            flows: Slots::new(),
             demux: HashMap::new(),
             remotes: HashMap::new(),
             sockets: [Vec::new(), Vec::new()],
             egress: Vec::new(),
             idle: VecDeque::new(),
             empty: [Vec::new(), Vec::new()],
-            timers: BTreeSet::new(),
+            timers: BTreeMap::new(),
+            epoch: Instant::now(),
             quarantine: VecDeque::new(),
+            next_quarantine: 0,
+        }
+    }
+
+    /// The timer bucket that holds instant `t` (times before the epoch fall in the first).
+    fn bucket_of(&self, t: Instant) -> u32 {
+        let ms = t.saturating_duration_since(self.epoch).as_millis() as u64;
+        u32::try_from(ms / TICK_MS).unwrap_or(NO_TIMER - 1)
+    }
+
+    /// When bucket `b` has passed.
+    fn bucket_end(&self, b: u32) -> Instant {
+        self.epoch + TICK * (b + 1)
+    }
+
+    /// Puts the flow in slot `idx` in the timer bucket of `deadline`.
+    fn arm(&mut self, idx: u32, deadline: Instant) {
+        let b = self.bucket_of(deadline);
+        let v = self.timers.entry(b).or_default();
+        let pos = v.len() as u32;
+        v.push(idx);
+        if let Some((_, e)) = self.flows.get_any_mut(idx) {
+            e.bucket = b;
+            e.pos = pos;
+        }
+    }
+
+    /// Takes the flow in slot `idx` out of its timer bucket (the bucket's last flow moves
+    /// into its place).
+    fn disarm(&mut self, bucket: u32, pos: u32) {
+        if bucket == NO_TIMER {
+            return;
+        }
+        let Some(v) = self.timers.get_mut(&bucket) else {
+            return;
+        };
+        let pos = pos as usize;
+        if pos >= v.len() {
+            return;
+        }
+        v.swap_remove(pos);
+        if let Some(&moved) = v.get(pos) {
+            if let Some((_, e)) = self.flows.get_any_mut(moved) {
+                e.pos = pos as u32;
+            }
+        }
+        if v.is_empty() {
+            self.timers.remove(&bucket);
         }
     }
 
@@ -281,7 +373,7 @@ impl FlowTable {
         for k in 0..n {
             let i = (remote.cursor as usize + k) % n;
             let s = socks[i];
-            if !self.demux.contains_key(&(s, target)) {
+            if !self.demux.contains_key(&PairKey::new(s, target)) {
                 let r = self.remotes.entry(target).or_default();
                 // Not reduced modulo n: if sockets are added meanwhile, the next search starts at
                 // the first of them rather than wrapping to the start.
@@ -304,51 +396,41 @@ impl FlowTable {
         permit: FlowPermit,
         now: Instant,
     ) -> FlowId {
-        let gen = self.next_gen;
-        self.next_gen = self.next_gen.wrapping_add(1);
         let deadline = flow.poll_timeout();
-        let idx = self.flows.insert((
-            gen,
-            FlowEntry {
-                flow,
-                client,
-                version,
-                target,
-                decoder,
-                capsules: false,
-                permit,
-                deadline,
-            },
-        )) as u32;
+        let (idx, gen) = self.flows.insert(FlowEntry {
+            flow,
+            client,
+            version,
+            target,
+            decoder,
+            capsules: false,
+            permit,
+            bucket: NO_TIMER,
+            pos: 0,
+        });
         let id = FlowId { idx, gen };
         self.demux
-            .insert((target.egress, target.addr), Pair::Flow(id));
+            .insert(PairKey::new(target.egress, target.addr), Pair::Flow(id));
         let r = self.remotes.entry(target.addr).or_default();
         r.flows += 1;
         r.held += 1;
         self.load(target.egress, now, true);
-        self.timers.insert((deadline, id));
+        self.arm(idx, deadline);
         id
     }
 
     pub fn get(&self, id: FlowId) -> Option<&FlowEntry> {
-        self.flows
-            .get(id.idx as usize)
-            .filter(|(g, _)| *g == id.gen)
-            .map(|(_, e)| e)
+        self.flows.get(id.idx, id.gen)
     }
 
     pub fn get_mut(&mut self, id: FlowId) -> Option<&mut FlowEntry> {
-        self.flows
-            .get_mut(id.idx as usize)
-            .filter(|(g, _)| *g == id.gen)
-            .map(|(_, e)| e)
+        self.flows.get_mut(id.idx, id.gen)
     }
 
     /// The flow a target datagram belongs to: the one on `egress` to `source`. `None` for any
     /// other source (dropped and counted by the caller).
     pub fn demux(&self, egress: u32, source: SocketAddr) -> Option<FlowId> {
-        match self.demux.get(&(egress, source)) {
+        match self.demux.get(&PairKey::new(egress, source)) {
             Some(Pair::Flow(id)) => Some(*id),
             _ => None,
         }
@@ -357,29 +439,30 @@ impl FlowTable {
     /// Removes a flow; its (socket, target) pair is quarantined. Returns the entry (its permit
     /// goes with it when dropped).
     pub fn close(&mut self, id: FlowId, now: Instant) -> Option<FlowEntry> {
-        self.get(id)?;
-        let (_, e) = self.flows.remove(id.idx as usize);
-        let key = (e.target.egress, e.target.addr);
-        let until = now + QUARANTINE;
-        self.demux.insert(key, Pair::Quarantined(until));
-        self.quarantine.push_back((until, key.0, key.1));
+        let e = self.flows.remove(id.idx, id.gen)?;
+        self.disarm(e.bucket, e.pos);
+        let key = PairKey::new(e.target.egress, e.target.addr);
+        let seq = self.next_quarantine;
+        self.next_quarantine = seq.wrapping_add(1);
+        self.demux.insert(key, Pair::Quarantined(seq));
+        self.quarantine
+            .push_back((now + QUARANTINE, seq, key, e.target.addr));
         if let Some(r) = self.remotes.get_mut(&e.target.addr) {
             r.flows = r.flows.saturating_sub(1);
         }
-        self.timers.remove(&(e.deadline, id));
         Some(e)
     }
 
     fn expire_quarantine(&mut self, now: Instant) {
-        while let Some(&(until, egress, addr)) = self.quarantine.front() {
+        while let Some(&(until, seq, key, addr)) = self.quarantine.front() {
             if until > now {
                 break;
             }
             self.quarantine.pop_front();
             // Only if it is still this quarantine (a later close may have renewed it).
-            if self.demux.get(&(egress, addr)) == Some(&Pair::Quarantined(until)) {
-                self.demux.remove(&(egress, addr));
-                self.load(egress, now, false);
+            if self.demux.get(&key) == Some(&Pair::Quarantined(seq)) {
+                self.demux.remove(&key);
+                self.load(key.egress, now, false);
                 if let Some(r) = self.remotes.get_mut(&addr) {
                     r.held = r.held.saturating_sub(1);
                     if r.held == 0 {
@@ -393,38 +476,43 @@ impl FlowTable {
     /// The earliest deadline in the table: a flow's idle timeout, a quarantine's end, an
     /// idle egress socket's retirement.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let t = self.timers.first().map(|(t, _)| *t);
-        let q = self.quarantine.front().map(|(t, _, _)| *t);
+        let t = self.timers.keys().next().map(|&b| self.bucket_end(b));
+        let q = self.quarantine.front().map(|(t, ..)| *t);
         let r = self.idle.front().map(|(t, _)| *t + EGRESS_IDLE);
         [t, q, r].into_iter().flatten().min()
     }
 
     /// Flows whose idle timeout has passed, up to `max`, into `out` (the caller closes them).
-    /// A flow that was active meanwhile is put back with its new deadline.
+    /// A flow that was active meanwhile moves to the bucket of its new deadline.
     pub fn expired(&mut self, now: Instant, max: usize, out: &mut Vec<(FlowId, CloseReason)>) {
         self.expire_quarantine(now);
         while out.len() < max {
-            let Some(&(t, id)) = self.timers.first() else {
+            let Some(mut first) = self.timers.first_entry() else {
                 return;
             };
-            if t > now {
+            let b = *first.key();
+            if self.epoch + TICK * (b + 1) > now {
                 return;
             }
-            self.timers.pop_first();
-            let Some(e) = self
-                .flows
-                .get_mut(id.idx as usize)
-                .filter(|(g, _)| *g == id.gen)
-                .map(|(_, e)| e)
-            else {
+            // The bucket's last flow: taking it moves no other.
+            let Some(idx) = first.get_mut().pop() else {
+                first.remove();
                 continue;
             };
+            if first.get().is_empty() {
+                first.remove();
+            }
+            let Some((gen, e)) = self.flows.get_any_mut(idx) else {
+                continue;
+            };
+            e.bucket = NO_TIMER;
             match e.flow.handle_timeout(now) {
-                // Out of the timer set now; `close` finds nothing there to remove.
-                Some(reason) => out.push((id, reason)),
+                // Out of the timers now; `close` finds nothing there to remove.
+                Some(reason) => out.push((FlowId { idx, gen }, reason)),
+                // Its deadline is after `now`, so after this bucket: a later one.
                 None => {
-                    e.deadline = e.flow.poll_timeout();
-                    self.timers.insert((e.deadline, id));
+                    let deadline = e.flow.poll_timeout();
+                    self.arm(idx, deadline);
                 }
             }
         }
@@ -434,10 +522,7 @@ impl FlowTable {
     pub fn ids(&self) -> Vec<FlowId> {
         self.flows
             .iter()
-            .map(|(idx, (gen, _))| FlowId {
-                idx: idx as u32,
-                gen: *gen,
-            })
+            .map(|(idx, gen, _)| FlowId { idx, gen })
             .collect()
     }
 }
@@ -479,12 +564,16 @@ mod tests {
     }
 
     /// Memory per idle flow is a target (flow-scale reports it): the table's slot for a flow
-    /// (the slab holds it inline, with its generation) must not grow unnoticed.
+    /// (held inline with its generation) and its demux entry must not grow unnoticed.
     #[test]
     fn a_flow_slot_stays_small() {
-        let slot = std::mem::size_of::<(u32, FlowEntry)>();
-        assert!(slot <= 288, "a flow slot is {slot} bytes");
-        assert!(std::mem::size_of::<Flow>() <= 160);
+        let slot = crate::relay::slots::slot_size::<FlowEntry>();
+        assert!(slot <= 208, "a flow slot is {slot} bytes");
+        assert_eq!(
+            std::mem::size_of::<(PairKey, Pair)>(),
+            36,
+            "a demux entry is 36 bytes"
+        );
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub struct FlowLimiter {
     open: AtomicUsize,
     max_total: AtomicUsize,
     max_per_identity: AtomicUsize,
-    per_identity: Mutex<HashMap<String, usize>>,
+    per_identity: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 impl FlowLimiter {
@@ -96,19 +96,29 @@ impl FlowLimiter {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(LimitError::Total);
         }
+        let mut held = None;
         if let Some(id) = identity {
             let mut map = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(id.to_owned()).or_insert(0);
+            // The identity's flows share one copy of its name.
+            let key = match map.get_key_value(id) {
+                Some((k, _)) => k.clone(),
+                None => Arc::from(id),
+            };
+            let n = map.entry(key.clone()).or_insert(0);
             if *n >= self.max_per_identity.load(Ordering::Acquire) {
+                if *n == 0 {
+                    map.remove(id);
+                }
                 drop(map);
                 self.open.fetch_sub(1, Ordering::AcqRel);
                 return Err(LimitError::Identity);
             }
             *n += 1;
+            held = Some(key);
         }
         Ok(FlowPermit {
             limiter: self.clone(),
-            identity: identity.map(str::to_owned),
+            identity: held,
         })
     }
 
@@ -122,7 +132,7 @@ impl FlowLimiter {
 #[derive(Debug)]
 pub struct FlowPermit {
     limiter: Arc<FlowLimiter>,
-    identity: Option<String>,
+    identity: Option<Arc<str>>,
 }
 
 impl FlowPermit {
@@ -140,10 +150,10 @@ impl Drop for FlowPermit {
                 .per_identity
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = map.get_mut(&id) {
+            if let Some(n) = map.get_mut(&*id) {
                 *n -= 1;
                 if *n == 0 {
-                    map.remove(&id);
+                    map.remove(&*id);
                 }
             }
         }

@@ -10,3 +10,4 @@ pub mod flow_table;
 pub mod h3;
 pub mod limits;
 pub mod policy;
+pub mod slots;

@@ -370,7 +370,7 @@ impl Core {
         let version = e.version;
         let sent = match e.client {
             ClientRef::H3 { conn, stream } => {
-                let ch = ConnectionHandle(conn);
+                let ch = ConnectionHandle(conn as usize);
                 match self.driver.as_mut().and_then(|d| {
                     let r = d
                         .conns
@@ -697,7 +697,8 @@ impl Core {
         let (client, decoder) = match &asker {
             Asker::H3 { ch, stream } => (
                 ClientRef::H3 {
-                    conn: ch.0,
+                    // quinn-proto's handles are slab indices: far below 2^32.
+                    conn: ch.0 as u32,
                     stream: u64::from(VarInt::from(*stream)),
                 },
                 None,
@@ -916,7 +917,7 @@ impl Core {
                 if let Some(c) = self
                     .driver
                     .as_mut()
-                    .and_then(|d| d.conns.get_mut(&ConnectionHandle(conn)))
+                    .and_then(|d| d.conns.get_mut(&ConnectionHandle(conn as usize)))
                 {
                     c.admission.flow_closed();
                 }
@@ -956,7 +957,7 @@ impl Core {
                 if by_client {
                     return;
                 }
-                let ch = ConnectionHandle(conn);
+                let ch = ConnectionHandle(conn as usize);
                 if let Some(d) = self.driver.as_mut() {
                     if let Some(c) = d.conns.get_mut(&ch) {
                         c.session.end_flow(stream_id(stream), reason);

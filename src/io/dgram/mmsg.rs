@@ -337,7 +337,7 @@ impl Poller {
         &mut self,
         q: &mut Vec<SendReq>,
         table: &mut Table,
-        tx_bufs: &mut Vec<Vec<u8>>,
+        tx_bufs: &mut super::TxBufs,
         lens: &mut Vec<u32>,
         gso: bool,
     ) -> usize {
@@ -423,7 +423,7 @@ impl Poller {
         }
         for r in q.drain(..) {
             if let Payload::Owned(b) = r.payload {
-                tx_bufs.push(b);
+                tx_bufs.put(b);
             }
         }
         sent_total

@@ -697,11 +697,38 @@ enum Io {
     Memory(memory::Memory),
 }
 
+/// Send buffers for QUIC transmits, kept for reuse. A burst (thousands of handshakes at
+/// once) may have many in flight; once they come back, only [`TxBufs::KEPT`] stay, so the
+/// burst's memory goes back to the allocator instead of staying with the worker.
+#[derive(Debug, Default)]
+pub(crate) struct TxBufs(Vec<Vec<u8>>);
+
+impl TxBufs {
+    /// Buffers kept (64 KiB each).
+    pub const KEPT: usize = 64;
+    const SIZE: usize = 65_536;
+
+    fn take(&mut self) -> Vec<u8> {
+        let mut b = self
+            .0
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(Self::SIZE));
+        b.clear();
+        b
+    }
+
+    pub(crate) fn put(&mut self, b: Vec<u8>) {
+        if self.0.len() < Self::KEPT && b.capacity() >= Self::SIZE {
+            self.0.push(b);
+        }
+    }
+}
+
 struct Inner {
     io: Io,
     table: Table,
     sendq: Vec<SendReq>,
-    tx_bufs: Vec<Vec<u8>>,
+    tx_bufs: TxBufs,
     lens: Vec<u32>,
 }
 
@@ -791,7 +818,7 @@ impl Engine {
                     errq: Vec::new(),
                 },
                 sendq: Vec::with_capacity(SENDQ_CAP),
-                tx_bufs: Vec::new(),
+                tx_bufs: TxBufs::default(),
                 lens: Vec::with_capacity(MAX_SEGMENTS * 64),
             }),
             recycled: RefCell::new(Vec::with_capacity(
@@ -979,17 +1006,12 @@ impl Engine {
     /// An empty send buffer (64 KiB capacity) for a QUIC transmit.
     pub fn tx_buf(&self) -> Vec<u8> {
         let mut inner = self.inner.borrow_mut();
-        let mut b = inner
-            .tx_bufs
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(65_536));
-        b.clear();
-        b
+        inner.tx_bufs.take()
     }
 
     /// Returns an unused send buffer.
     pub fn give_back_tx_buf(&self, b: Vec<u8>) {
-        self.inner.borrow_mut().tx_bufs.push(b);
+        self.inner.borrow_mut().tx_bufs.put(b);
     }
 
     /// Queues a QUIC transmit (several datagrams with GSO).
@@ -1020,7 +1042,7 @@ impl Engine {
             };
             inner.table.send_failed(r.id.idx, r.id.gen, libc::EAGAIN, n);
             if let Payload::Owned(b) = r.payload {
-                inner.tx_bufs.push(b);
+                inner.tx_bufs.put(b);
             }
             return false;
         }

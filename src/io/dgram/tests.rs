@@ -469,3 +469,24 @@ fn a_datagram_reaches_an_idle_worker_at_once() {
         });
     }
 }
+
+#[test]
+fn send_buffers_beyond_the_kept_ones_go_back_to_the_allocator() {
+    let mut bufs = TxBufs::default();
+    // A burst: many transmits in flight at once, then all of them back.
+    let out: Vec<Vec<u8>> = (0..10 * TxBufs::KEPT).map(|_| bufs.take()).collect();
+    assert!(out.iter().all(|b| b.is_empty() && b.capacity() >= 65_536));
+    for b in out {
+        bufs.put(b);
+    }
+    assert_eq!(bufs.0.len(), TxBufs::KEPT);
+    // A buffer that is not one of them (too small for a transmit) is not kept.
+    let mut few = TxBufs::default();
+    few.put(Vec::with_capacity(100));
+    assert!(few.0.is_empty());
+    // A reused buffer comes back empty.
+    let mut b = bufs.take();
+    b.extend_from_slice(b"old");
+    bufs.put(b);
+    assert!(bufs.take().is_empty());
+}

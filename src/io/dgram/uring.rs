@@ -374,7 +374,7 @@ impl Ring {
         &mut self,
         table: &mut Table,
         pools: &[Pool; 2],
-        tx_bufs: &mut Vec<Vec<u8>>,
+        tx_bufs: &mut super::TxBufs,
     ) -> (usize, bool) {
         self.cqes.clear();
         // Completions the kernel has queued as task work (IORING_SQ_TASKRUN) are posted by an
@@ -537,7 +537,7 @@ impl Ring {
         )
     }
 
-    fn on_send(&mut self, table: &mut Table, op: u32, res: i32, tx_bufs: &mut Vec<Vec<u8>>) {
+    fn on_send(&mut self, table: &mut Table, op: u32, res: i32, tx_bufs: &mut super::TxBufs) {
         if res < 0 && super::pending_icmp(-res) {
             let retry = self
                 .ops
@@ -576,7 +576,7 @@ impl Ring {
         }
         for p in op.payloads.drain(..) {
             if let Payload::Owned(b) = p {
-                tx_bufs.push(b);
+                tx_bufs.put(b);
             }
         }
         self.spare.push(op);
@@ -589,7 +589,7 @@ impl Ring {
         q: &mut Vec<SendReq>,
         table: &mut Table,
         pools: &[Pool; 2],
-        tx_bufs: &mut Vec<Vec<u8>>,
+        tx_bufs: &mut super::TxBufs,
         lens: &mut Vec<u32>,
         gso: bool,
     ) -> usize {
@@ -653,7 +653,7 @@ impl Ring {
                 table.send_failed(id.idx, id.gen, libc::EAGAIN, lens.len());
                 for p in op.payloads.drain(..) {
                     if let Payload::Owned(b) = p {
-                        tx_bufs.push(b);
+                        tx_bufs.put(b);
                     }
                 }
                 self.spare.push(op);
@@ -662,7 +662,7 @@ impl Ring {
         // What was not moved into an operation (dropped sends) gives its buffers back.
         for r in q.drain(..) {
             if let Payload::Owned(b) = r.payload {
-                tx_bufs.push(b);
+                tx_bufs.put(b);
             }
         }
         // One enter per pass: it submits what the pass queued and posts the completions
@@ -682,7 +682,7 @@ impl Ring {
         &mut self,
         table: &mut Table,
         pools: &[Pool; 2],
-        tx_bufs: &mut Vec<Vec<u8>>,
+        tx_bufs: &mut super::TxBufs,
     ) -> bool {
         let armed: Vec<(u32, u32)> = table
             .slots

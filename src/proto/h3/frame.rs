@@ -340,14 +340,17 @@ fn parse_header(b: &[u8]) -> Parsed {
 /// [`push`]: FrameReader::push
 /// [`finish`]: FrameReader::finish
 pub struct FrameReader {
-    max_headers: u64,
-    max_other: u64,
+    /// The limits, saturated to 4 GiB (more than any buffer a relay grants).
+    max_headers: u32,
+    max_other: u32,
     state: State,
     hdr: [u8; MAX_HEADER_LEN],
     hdr_len: usize,
     /// A split known frame; never larger than its limit.
     buf: Vec<u8>,
-    poisoned: Option<H3Error>,
+    /// Boxed: a reader lives as long as its stream (there is one per request, and a flow's
+    /// request stream stays open), an error is rare.
+    poisoned: Option<Box<H3Error>>,
 }
 
 impl std::fmt::Debug for FrameReader {
@@ -372,9 +375,10 @@ impl FrameReader {
     /// (connection error H3_EXCESSIVE_LOAD). GOAWAY, MAX_PUSH_ID and CANCEL_PUSH longer than one
     /// varint (8 bytes) are malformed: H3_FRAME_ERROR.
     pub fn new(max_headers: u64, max_other: u64) -> Self {
+        let cap = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         Self {
-            max_headers,
-            max_other,
+            max_headers: cap(max_headers),
+            max_other: cap(max_other),
             state: State::Header,
             hdr: [0; MAX_HEADER_LEN],
             hdr_len: 0,
@@ -392,7 +396,7 @@ impl FrameReader {
         on: &mut impl FnMut(FrameEvent<'_>) -> Result<(), H3Error>,
     ) -> Result<(), H3Error> {
         if let Some(err) = &self.poisoned {
-            return Err(err.clone());
+            return Err(H3Error::clone(err));
         }
         let result = self.run(input, on);
         if let Err(err) = &result {
@@ -404,7 +408,7 @@ impl FrameReader {
     /// Clean end of stream (FIN): an error if a frame is cut short.
     pub fn finish(&mut self) -> Result<(), H3Error> {
         if let Some(err) = &self.poisoned {
-            return Err(err.clone());
+            return Err(H3Error::clone(err));
         }
         //= https://www.rfc-editor.org/rfc/rfc9114#section-7.1
         //# When a stream terminates cleanly, if the last frame on the stream was
@@ -430,7 +434,7 @@ impl FrameReader {
     }
 
     fn poison(&mut self, err: H3Error) {
-        self.poisoned = Some(err);
+        self.poisoned = Some(Box::new(err));
         self.state = State::Header;
         self.hdr_len = 0;
         self.buf = Vec::new();
@@ -556,7 +560,7 @@ impl FrameReader {
                 return Ok(());
             }
             HEADERS => {
-                if len > self.max_headers {
+                if len > u64::from(self.max_headers) {
                     return Err(H3Error::stream(
                         H3_EXCESSIVE_LOAD,
                         "HEADERS frame exceeds the field section limit",
@@ -565,7 +569,7 @@ impl FrameReader {
                 len
             }
             SETTINGS | PUSH_PROMISE => {
-                if len > self.max_other {
+                if len > u64::from(self.max_other) {
                     return Err(H3Error::connection(
                         H3_EXCESSIVE_LOAD,
                         "control frame exceeds the size limit",
