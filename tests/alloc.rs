@@ -53,20 +53,27 @@ fn allocations_per_datagram(protocol: &str, v: HttpVersion) -> (f64, u64) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Warm-up: connections, flows, pools and queues reach their working size.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while relayed(&relay, v) < 4000 {
-        assert!(Instant::now() < deadline, "no load reached the relay");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    // Warm-up: connections, flows, pools and queues reach their working size. Every wait is
+    // on the relay's datagram count, never on the clock.
+    let wait_for = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while relayed(&relay, v) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the load stalled below {n} datagrams"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(4000);
+    // A further 2000 for queues and pools to settle, then the measured window.
+    wait_for(relayed(&relay, v) + 2000);
     let (a0, d0) = (allocations(), relayed(&relay, v));
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for(d0 + 12_000);
     let (a1, d1) = (allocations(), relayed(&relay, v));
     let _ = load.kill();
     let _ = load.wait();
     let datagrams = d1 - d0;
-    assert!(datagrams > 2000, "too little load to measure: {datagrams}");
     ((a1 - a0) as f64 / datagrams as f64, datagrams)
 }
 

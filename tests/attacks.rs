@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use attack_util::*;
 use bytes::{Buf, Bytes};
 use common::{connect_udp, datagram, h3_connect_udp, stream_end, udp_path, varint, CapsuleReader};
-use common::{EchoTarget, FloodTarget, H3Client, H3Stream};
+use common::{eventually, EchoTarget, FloodTarget, H3Client, H3Stream};
 
 const MIB: u64 = 1024;
 /// The bar for floods: RSS growth in KiB.
@@ -695,12 +695,27 @@ fn slow_reader_memory_stays_within_the_send_buffers() {
                 .unwrap();
                 kept.push((send, body));
             }
-            // Let the floods land.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            let dropped = relay.metric(
-                "masque_relay_datagrams_dropped_total",
-                &[r#"reason="client_not_reading""#],
-            );
+            // The floods have landed once the target has sent them all and the relay has
+            // dropped some for the client that does not read.
+            let total = (FLOWS * EACH) as u64;
+            let not_reading = || {
+                relay.metric(
+                    "masque_relay_datagrams_dropped_total",
+                    &[r#"reason="client_not_reading""#],
+                )
+            };
+            eventually(
+                || flood.sent.load(Ordering::Relaxed) >= total && not_reading() > 0.0,
+                || {
+                    format!(
+                        "flood sent {} of {total}, {} dropped for the slow reader",
+                        flood.sent.load(Ordering::Relaxed),
+                        not_reading()
+                    )
+                },
+            )
+            .await;
+            let dropped = not_reading();
             // A flow works again once its client reads what waited for it.
             let (send, body) = &mut kept[0];
             let mut delivered = 0;
@@ -1062,15 +1077,20 @@ async fn amplification() -> Amplification {
     drop(ep);
 
     // Junk that looks like an Initial, from an address that never answers: version 1 (does not
-    // decrypt), and an unknown version at 1200 and 100 bytes (Version Negotiation only for the
-    // first).
+    // decrypt), and an unknown version at 100 and 1200 bytes (Version Negotiation only for the
+    // last). The relay handles one source's datagrams in order, so once the Version
+    // Negotiation is back, any answer to the two before it is back too.
     let junk = UdpCounter::start();
-    for (len, v) in [(1200usize, 1u32), (1200, 0x1a2a_3a4a), (100, 0x1a2a_3a4a)] {
+    for (len, v) in [(1200usize, 1u32), (100, 0x1a2a_3a4a), (1200, 0x1a2a_3a4a)] {
         junk.sock
             .send_to(&junk_initial(len, v), relay.addr)
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(
+        || !junk.sizes().is_empty(),
+        || "no Version Negotiation for a 1200-byte Initial of an unknown version".to_owned(),
+    )
+    .await;
     Amplification {
         cert_len: relay.der.len(),
         received,
@@ -1085,8 +1105,8 @@ impl Amplification {
         eprintln!(
             "ATTACK item=10 test={test}: certificate {} bytes; the relay received {} bytes of \
              client Initial from an address that never answers and sent {} bytes in {} \
-             datagrams back within 3 s: {:.3}x (3x = {} bytes); junk Initials (1200 B v1, 1200 B \
-             unknown version, 100 B unknown version) drew {:?}",
+             datagrams back within 3 s: {:.3}x (3x = {} bytes); junk Initials (1200 B v1, 100 B \
+             unknown version, 1200 B unknown version) drew {:?}",
             self.cert_len,
             self.received,
             self.sent,
@@ -1374,7 +1394,12 @@ async fn datagram_flood(relay: &RelayProc, for_how_long: Duration) -> (u64, u64,
         }
         tokio::task::yield_now().await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A barrier: an echo on a second flow of the same connection comes back only after the
+    // relay has handled (relayed or dropped and counted) every flood datagram sent before it.
+    let echo = EchoTarget::start("127.0.0.1:0");
+    let (resp, probe) = h3_connect_udp(&mut client, &udp_path("127.0.0.1", echo.addr.port())).await;
+    assert_eq!(resp.status(), 200);
+    assert!(h3_echo(&client, &probe, b"after the flood").await);
     let after = drops_by_reason(relay);
     let delta: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     let dropped = delta.iter().sum();
@@ -1752,11 +1777,15 @@ fn zero_rtt_is_off_so_no_connect_udp_is_replayed() {
         let (resp, stream) = h3_connect_udp(&mut client, &udp_path("127.0.0.1", port)).await;
         assert_eq!(resp.status(), 200);
         assert!(h3_echo(&client, &stream, b"first session").await);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The relay sends its session tickets after the handshake; the next connection needs one.
+        eventually(
+            || !log.max_early_data.lock().unwrap().is_empty(),
+            || "the relay sent no session ticket".to_owned(),
+        )
+        .await;
         drop(stream);
         conn.close(quinn::VarInt::from_u32(0x100), b"");
         drop(client);
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let tickets = log.max_early_data.lock().unwrap().clone();
         let before = target.received.load(Ordering::Relaxed);
 
@@ -1782,7 +1811,6 @@ fn zero_rtt_is_off_so_no_connect_udp_is_replayed() {
                 };
                 early.await;
                 let accepted = accepted.await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
                 assert!(!accepted, "the relay accepted 0-RTT");
                 format!("0-RTT attempted and rejected (accepted = {accepted})")
             }

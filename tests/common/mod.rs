@@ -382,6 +382,8 @@ pub async fn stream_end(body: &mut RecvStream, within: Duration) -> Result<(), h
 /// anything else is echoed.
 pub struct FloodTarget {
     pub addr: SocketAddr,
+    /// Flood datagrams sent so far.
+    pub sent: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -394,6 +396,8 @@ impl FloodTarget {
         let addr = sock.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let sent = Arc::new(AtomicU64::new(0));
+        let counted = sent.clone();
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
             while !s.load(Ordering::Relaxed) {
@@ -410,6 +414,7 @@ impl FloodTarget {
                             let mut d = vec![0u8; 1200];
                             d[..8].copy_from_slice(&(i as u64).to_be_bytes());
                             let _ = sock.send_to(&d, from);
+                            counted.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     None => {
@@ -420,6 +425,7 @@ impl FloodTarget {
         });
         FloodTarget {
             addr,
+            sent,
             stop,
             thread: Some(thread),
         }
