@@ -101,28 +101,40 @@ pub struct FlowEntry {
 
 const NO_TIMER: u32 = u32::MAX;
 
-/// A demux key: an egress socket and a peer address, packed (36 bytes with the value, where
-/// `(u32, SocketAddr)` and an `Instant` took 64).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct PairKey {
-    egress: u32,
-    port: u16,
-    v6: bool,
-    ip: [u8; 16],
-}
+/// A demux key: an egress socket and a peer address, packed into six 32-bit words (36 bytes
+/// with the value, where `(u32, SocketAddr)` and an `Instant` took 64); a lookup hashes them as
+/// three 64-bit words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PairKey([u32; 6]);
 
 impl PairKey {
     fn new(egress: u32, addr: SocketAddr) -> Self {
         let (v6, ip) = match addr.ip() {
-            IpAddr::V4(a) => (false, a.to_ipv6_mapped().octets()),
-            IpAddr::V6(a) => (true, a.octets()),
+            IpAddr::V4(a) => (0, a.to_ipv6_mapped().octets()),
+            IpAddr::V6(a) => (1, a.octets()),
         };
-        PairKey {
+        let w = |i: usize| u32::from_ne_bytes([ip[i], ip[i + 1], ip[i + 2], ip[i + 3]]);
+        PairKey([
+            w(0),
+            w(4),
+            w(8),
+            w(12),
             egress,
-            port: addr.port(),
-            v6,
-            ip,
-        }
+            u32::from(addr.port()) << 1 | v6,
+        ])
+    }
+
+    fn egress(&self) -> u32 {
+        self.0[4]
+    }
+}
+
+impl std::hash::Hash for PairKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let k = &self.0;
+        state.write_u64(u64::from(k[0]) << 32 | u64::from(k[1]));
+        state.write_u64(u64::from(k[2]) << 32 | u64::from(k[3]));
+        state.write_u64(u64::from(k[4]) << 32 | u64::from(k[5]));
     }
 }
 
@@ -462,7 +474,7 @@ impl FlowTable {
             // Only if it is still this quarantine (a later close may have renewed it).
             if self.demux.get(&key) == Some(&Pair::Quarantined(seq)) {
                 self.demux.remove(&key);
-                self.load(key.egress, now, false);
+                self.load(key.egress(), now, false);
                 if let Some(r) = self.remotes.get_mut(&addr) {
                     r.held = r.held.saturating_sub(1);
                     if r.held == 0 {
