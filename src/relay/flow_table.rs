@@ -1,7 +1,7 @@
-//! The worker's flow table: every flow of the worker in one slab, linked to its client side
-//! (the QUIC connection and request stream, or the TCP connection and stream) and to its
-//! target side (an egress socket and the target's address), plus what the data path needs to
-//! find a flow from either side in O(1):
+//! The worker's flow table: every flow of the worker in one paged slab ([`Slots`]), linked to
+//! its client side (the QUIC connection and request stream, or the TCP connection and stream)
+//! and to its target side (an egress socket and the target's address), plus what the data
+//! path needs to find a flow from either side in O(1):
 //!
 //! ```text
 //! client datagram --(session: stream -> FlowId)--> flows[FlowId] --> (egress socket, target)
