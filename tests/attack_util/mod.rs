@@ -1287,7 +1287,8 @@ impl Drop for MemCgroup {
 /// Datagrams the relay sends back to one address, counted by a thread until dropped.
 pub struct UdpCounter {
     pub sock: Arc<UdpSocket>,
-    pub got: Arc<Mutex<VecDeque<(Instant, usize)>>>,
+    /// What came back: when, its size, and whether it was a Version Negotiation.
+    pub got: Arc<Mutex<VecDeque<(Instant, usize, bool)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -1304,7 +1305,9 @@ impl UdpCounter {
             let mut buf = vec![0u8; 65_536];
             while !st.load(Ordering::Relaxed) {
                 if let Ok(n) = s.recv(&mut buf) {
-                    g.lock().unwrap().push_back((Instant::now(), n));
+                    // Long header with version 0 (RFC 9000 §17.2.1).
+                    let vn = n >= 5 && buf[0] & 0x80 != 0 && buf[1..5] == [0; 4];
+                    g.lock().unwrap().push_back((Instant::now(), n, vn));
                 }
             }
         });
@@ -1316,8 +1319,33 @@ impl UdpCounter {
         }
     }
 
+    /// Sizes of everything that came back.
     pub fn sizes(&self) -> Vec<usize> {
-        self.got.lock().unwrap().iter().map(|(_, n)| *n).collect()
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, n, _)| *n)
+            .collect()
+    }
+
+    /// Sizes of what came back other than Version Negotiation packets.
+    pub fn sizes_but_vn(&self) -> Vec<usize> {
+        let got = self.got.lock().unwrap();
+        got.iter()
+            .filter(|(_, _, vn)| !vn)
+            .map(|(_, n, _)| *n)
+            .collect()
+    }
+
+    /// Version Negotiation packets that came back.
+    pub fn vn_count(&self) -> usize {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, vn)| *vn)
+            .count()
     }
 }
 
