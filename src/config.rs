@@ -106,6 +106,12 @@ pub struct IoConfig {
     /// QUIC receive buffers per worker, 64 KiB each for GRO trains (a power of two,
     /// 8..=4096). Default 64.
     pub quic_buffers: u16,
+    /// Let the memory allocator back the heap with transparent huge pages. Default off: the
+    /// relay's memory then grows by the 4 KiB pages its connections and flows touch, not by
+    /// 2 MiB pages zeroed at first touch (measured: 22 -> 9 MiB RSS at start, 3178 -> 2281
+    /// bytes per idle flow at 10 000 flows, 1784 -> 1673 at 100 000, no difference in CPU per
+    /// relayed datagram).
+    pub transparent_huge_pages: bool,
 }
 
 impl Default for IoConfig {
@@ -118,6 +124,7 @@ impl Default for IoConfig {
             egress_sockets_max: 16_384,
             egress_socket_buffer: 4 << 20,
             quic_buffers: d.quic_buffers,
+            transparent_huge_pages: false,
         }
     }
 }

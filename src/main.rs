@@ -202,6 +202,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Before the workers allocate: their pools and tables then fault in 4 KiB pages.
+    if !checked.io.transparent_huge_pages {
+        if let Err(e) = sysctl::disable_transparent_huge_pages() {
+            warn!("cannot turn transparent huge pages off: {e}");
+        }
+    }
     let relay = match Relay::start(checked.clone()) {
         Ok(r) => r,
         Err(e) => {

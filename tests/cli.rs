@@ -112,3 +112,59 @@ fn starts_with_defaults_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `THP_enabled` of a process, from /proc (the prctl flag, inherited by children).
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim() == "1")
+}
+
+/// Starts the relay with `args`, waits until it listens, returns its THP flag, stops it.
+fn relay_thp(args: &[&str]) -> Option<bool> {
+    let mut child = relay()
+        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    while !seen.contains("masque-relay listening") {
+        match lines.next() {
+            Some(Ok(line)) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            _ => panic!("the relay did not start:\n{seen}"),
+        }
+    }
+    let thp = thp_enabled(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    thp
+}
+
+#[test]
+fn transparent_huge_pages_are_off_unless_configured() {
+    let Some(ours) = thp_enabled(std::process::id()) else {
+        println!("SKIP: this kernel does not report THP_enabled in /proc/<pid>/status");
+        return;
+    };
+    assert_eq!(relay_thp(&[]), Some(false), "THP still on with the default");
+    if !ours {
+        println!("SKIP (the configured case): THP is already off for this test process");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("thp.toml");
+    std::fs::write(&cfg, "[io]\ntransparent_huge_pages = true\n").unwrap();
+    assert_eq!(
+        relay_thp(&["--config", cfg.to_str().unwrap()]),
+        Some(true),
+        "THP off although the configuration allows it"
+    );
+}

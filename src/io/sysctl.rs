@@ -175,6 +175,17 @@ pub fn check(kernel: &KernelLimits, needs: &Needs) -> Vec<Warning> {
     out
 }
 
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`; the kernel checks
+/// it at each page fault, so it covers the allocator's arenas mapped before as well).
+pub fn disable_transparent_huge_pages() -> io::Result<()> {
+    nix::sys::prctl::set_thp_disable(true).map_err(io::Error::from)
+}
+
+/// Whether transparent huge pages are off for this process.
+pub fn transparent_huge_pages_disabled() -> io::Result<bool> {
+    nix::sys::prctl::get_thp_disable().map_err(io::Error::from)
+}
+
 /// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (what `LimitNOFILE=` or the
 /// administrator allowed) and returns the new soft limit. Stock systems give a soft limit of
 /// 1024 for the sake of programs using `select(2)`; the relay does not use `select`.
