@@ -125,7 +125,14 @@ fn thp_enabled(pid: u32) -> Option<bool> {
 /// Starts the relay with `args`, waits until it listens, returns its THP flag, stops it.
 fn relay_thp(args: &[&str]) -> Option<bool> {
     let mut child = relay()
-        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--metrics",
+            "off",
+        ])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
