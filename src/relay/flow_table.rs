@@ -504,6 +504,7 @@ impl FlowTable {
             };
             let b = *first.key();
             if self.epoch + TICK * (b + 1) > now {
+                // Not passed yet (`bucket_end`, which the entry's borrow keeps out of reach).
                 return;
             }
             // The bucket's last flow: taking it moves no other.
@@ -711,6 +712,53 @@ mod tests {
         assert!(out.is_empty(), "b was active at 60 s");
         t.expired(t0 + Duration::from_secs(181), 10, &mut out);
         assert_eq!(out, vec![(b, CloseReason::Idle)]);
+    }
+
+    #[test]
+    fn a_flow_expires_within_a_tick_of_its_timeout_and_closed_flows_leave_their_timers() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new();
+        let idle = Duration::from_secs(120);
+        let ids: Vec<FlowId> = (0..1000u16)
+            .map(|i| {
+                let a = SocketAddr::new([192, 0, 2, 1].into(), 1 + i);
+                open(&mut t, a, u64::from(i) * 4, t0)
+            })
+            .collect();
+        // Every other flow closes early: its timer goes with it (no stale entry to skip).
+        for id in ids.iter().step_by(2) {
+            assert!(t.close(*id, t0).is_some());
+        }
+        let timers: usize = t.timers.values().map(Vec::len).sum();
+        assert_eq!(timers, 500);
+        // Each remaining flow's slot knows its place in its bucket.
+        for (&b, v) in &t.timers {
+            for (pos, &idx) in v.iter().enumerate() {
+                let (_, e) = t.flows.get_any_mut(idx).unwrap();
+                assert_eq!((e.bucket, e.pos), (b, pos as u32));
+            }
+        }
+        let mut out = Vec::new();
+        t.expired(t0 + idle - Duration::from_millis(1), usize::MAX, &mut out);
+        assert!(out.is_empty(), "expired before the idle timeout");
+        // The first bucket with flows passes within a tick after their deadline.
+        let due = t.bucket_end(*t.timers.keys().next().unwrap());
+        assert!(
+            due >= t0 + idle && due <= t0 + idle + TICK,
+            "{:?}",
+            due - t0
+        );
+        t.expired(t0 + idle + TICK, usize::MAX, &mut out);
+        assert!(out.iter().all(|(_, r)| *r == CloseReason::Idle));
+        let mut expired: Vec<FlowId> = out.iter().map(|(id, _)| *id).collect();
+        let mut open: Vec<FlowId> = ids.iter().skip(1).step_by(2).copied().collect();
+        expired.sort();
+        open.sort();
+        assert_eq!(
+            expired, open,
+            "every open flow expires within a tick, no closed one"
+        );
+        assert!(t.timers.is_empty());
     }
 
     #[test]
