@@ -499,14 +499,15 @@ impl FlowTable {
     pub fn expired(&mut self, now: Instant, max: usize, out: &mut Vec<(FlowId, CloseReason)>) {
         self.expire_quarantine(now);
         while out.len() < max {
+            let Some(&b) = self.timers.keys().next() else {
+                return;
+            };
+            if self.bucket_end(b) > now {
+                return;
+            }
             let Some(mut first) = self.timers.first_entry() else {
                 return;
             };
-            let b = *first.key();
-            if self.epoch + TICK * (b + 1) > now {
-                // Not passed yet (`bucket_end`, which the entry's borrow keeps out of reach).
-                return;
-            }
             // The bucket's last flow: taking it moves no other.
             let Some(idx) = first.get_mut().pop() else {
                 first.remove();

@@ -99,21 +99,18 @@ impl FlowLimiter {
         let mut held = None;
         if let Some(id) = identity {
             let mut map = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.get(id).copied().unwrap_or(0);
+            if n >= self.max_per_identity.load(Ordering::Acquire) {
+                drop(map);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                return Err(LimitError::Identity);
+            }
             // The identity's flows share one copy of its name.
             let key = match map.get_key_value(id) {
                 Some((k, _)) => k.clone(),
                 None => Arc::from(id),
             };
-            let n = map.entry(key.clone()).or_insert(0);
-            if *n >= self.max_per_identity.load(Ordering::Acquire) {
-                if *n == 0 {
-                    map.remove(id);
-                }
-                drop(map);
-                self.open.fetch_sub(1, Ordering::AcqRel);
-                return Err(LimitError::Identity);
-            }
-            *n += 1;
+            map.insert(key.clone(), n + 1);
             held = Some(key);
         }
         Ok(FlowPermit {

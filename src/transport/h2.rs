@@ -245,9 +245,9 @@ where
         // h2 closes a connection (ENHANCE_YOUR_CALM) whose buffered small DATA frames exceed a
         // budget, by default half the connection window: reached by a full window of DATA
         // frames below about 170 bytes each. A client sending small datagrams (a 64-byte
-        // payload is a 67-byte frame)
-        // fills the window with exactly those whenever the worker falls behind, so the budget
-        // covers a full window of frames of 48 bytes and more; smaller ones are still refused.
+        // payload is a 67-byte frame) fills the window with exactly those whenever the worker
+        // falls behind, so the budget covers a full window of frames of 48 bytes and more;
+        // smaller ones are still refused.
         .data_frame_budget(data_frame_budget(h2cfg.initial_connection_window));
     // h2 flushes every DATA frame over 256 bytes on its own; its writes are gathered and go to
     // TLS together, once per wake-up of this task.
